@@ -1,0 +1,48 @@
+"""Capped capture of a job's output stream.
+
+The stream is always drained (a job must never block on a full pipe), but only the
+first and the last ``cap // 2`` bytes are kept: results usually come first or last, and
+a traceback is at the end. What was dropped in between is named by a marker line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+CHUNK = 64 << 10
+
+
+class CappedBuffer:
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.total = 0
+        self._head = bytearray()
+        self._tail = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        self.total += len(data)
+        room = self.cap - (self.cap // 2) - len(self._head)
+        if room > 0:
+            self._head += data[:room]
+            data = data[room:]
+        if data:
+            keep = self.cap // 2
+            self._tail += data
+            if len(self._tail) > 2 * keep + CHUNK:
+                del self._tail[: len(self._tail) - keep]
+
+    def value(self) -> bytes:
+        keep = self.cap // 2
+        tail = bytes(self._tail[-keep:]) if keep else b""
+        dropped = self.total - len(self._head) - len(tail)
+        if dropped <= 0:
+            return bytes(self._head) + bytes(self._tail)
+        marker = (
+            f"\n[gpujobq: output truncated: {dropped} of {self.total} bytes omitted here]\n"
+        ).encode()
+        return bytes(self._head) + marker + tail
+
+
+async def drain(stream: asyncio.StreamReader, buffer: CappedBuffer) -> None:
+    while chunk := await stream.read(CHUNK):
+        buffer.feed(chunk)

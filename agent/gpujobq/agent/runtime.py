@@ -1,0 +1,42 @@
+"""What every job runtime offers the agent, and the outcome it reports."""
+
+from __future__ import annotations
+
+import asyncio
+import pathlib
+from collections.abc import Callable
+from typing import Protocol
+
+import msgspec
+from gpujobq.protocol import messages
+
+
+class Outcome(msgspec.Struct, frozen=True, kw_only=True):
+    reason: str  # a states.Reason value
+    exit_code: int | None
+    stdout: bytes = b""
+    stderr: bytes = b""
+    detail: str = ""
+
+
+class Runtime(Protocol):
+    name: str
+    isolated: bool
+
+    async def run(
+        self,
+        job: messages.RunJob,
+        workdir: pathlib.Path,
+        cancel: asyncio.Event,
+        started: Callable[[], None],
+    ) -> Outcome:
+        """Run the job prepared in ``workdir`` until it exits, times out or ``cancel`` is set.
+
+        Calls ``started`` once the job's program is running.
+        """
+        ...
+
+
+def exit_status(returncode: int) -> int:
+    """A process's exit code as a shell reports it (128 + signal for a signal death)."""
+    return 128 - returncode if returncode < 0 else returncode

@@ -1,0 +1,80 @@
+"""One folder per job attempt; the result stays there until the controller acks it.
+
+    SPOOL/<job_id>-a<attempt>/job/solution.py, job/config.yaml   what the job runs
+    SPOOL/<job_id>-a<attempt>/result.msgpack                     the Exited, once written
+
+An agent that restarts re-reads its spool: results not yet acked are sent again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import re
+import shutil
+
+import msgspec
+from gpujobq.protocol import messages
+
+log = logging.getLogger(__name__)
+
+_NAME = re.compile(r"^(?P<job>[A-Za-z0-9_-]{1,64})-a(?P<attempt>[0-9]{1,9})$")
+RESULT = "result.msgpack"
+
+
+class SpoolError(ValueError):
+    pass
+
+
+class Spool:
+    def __init__(self, root: pathlib.Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def folder(self, job_id: str, attempt: int) -> pathlib.Path:
+        name = f"{job_id}-a{attempt}"
+        if not _NAME.match(name):
+            raise SpoolError(f"job id {job_id!r} cannot name a spool folder")
+        return self.root / name
+
+    def prepare(self, run: messages.RunJob) -> pathlib.Path:
+        """A fresh work folder holding the job's code and config; returns it."""
+        base = self.folder(run.job_id, run.attempt)
+        if base.exists():
+            shutil.rmtree(base)
+        work = base / "job"
+        work.mkdir(parents=True, mode=0o700)
+        (work / "solution.py").write_bytes(run.code)
+        (work / "config.yaml").write_bytes(run.config)
+        return work
+
+    def store_result(self, exited: messages.Exited) -> None:
+        base = self.folder(exited.job_id, exited.attempt)
+        tmp = base / (RESULT + ".tmp")
+        with open(tmp, "wb") as fh:
+            fh.write(msgspec.msgpack.encode(exited))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, base / RESULT)
+
+    def drop(self, job_id: str, attempt: int) -> None:
+        shutil.rmtree(self.folder(job_id, attempt), ignore_errors=True)
+
+    def recover(self) -> list[messages.Exited]:
+        """Results kept from before a restart; folders of jobs that never finished are removed.
+
+        A job that was running when the agent stopped is not reported: the controller
+        sees it missing from the agent's held jobs and requeues it as a platform failure.
+        """
+        kept: list[messages.Exited] = []
+        for entry in sorted(self.root.iterdir()):
+            if not _NAME.match(entry.name) or not entry.is_dir():
+                continue
+            try:
+                data = (entry / RESULT).read_bytes()
+                kept.append(msgspec.msgpack.decode(data, type=messages.Exited))
+            except (OSError, msgspec.DecodeError):
+                log.info("dropping unfinished spool folder %s", entry.name)
+                shutil.rmtree(entry, ignore_errors=True)
+        return kept

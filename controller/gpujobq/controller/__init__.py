@@ -1,0 +1,1 @@
+"""gpujobq controller: the HTTP API, the queue, and the links to the agents."""

@@ -1,0 +1,138 @@
+"""gpujobq-controller: serve the API, and the admin commands (users, tokens, keys).
+
+Every setting is a flag (--wait-cap 120) or an environment variable (GPUJOBQ_WAIT_CAP);
+the defaults point into the project folder, so admin commands run there with no flags
+use the same database as `make up`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import logging
+import os
+import pathlib
+import sys
+import time
+
+import msgspec
+from gpujobq.controller import accounts, database, errors
+from gpujobq.controller.settings import Settings
+from gpujobq.protocol import sshkeys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    settings = _settings(args)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return int(args.func(settings, args) or 0)
+    except errors.ControllerError as exc:
+        print(f"gpujobq-controller: {exc.detail}", file=sys.stderr)
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    for field in msgspec.structs.fields(Settings):
+        flag = "--" + field.name.replace("_", "-")
+        kind = type(field.default)
+        common.add_argument(flag, dest=field.name, type=kind, default=None,
+                            help=f"default {field.default} (env GPUJOBQ_{field.name.upper()})")
+
+    p = argparse.ArgumentParser(prog="gpujobq-controller", description=__doc__)
+    sub = p.add_subparsers(required=True)
+    sub.add_parser("serve", parents=[common], help="run the HTTP API").set_defaults(func=_serve)
+    sub.add_parser("keygen", parents=[common], help="create the controller's SSH client key"
+                   ).set_defaults(func=_keygen)
+
+    user = sub.add_parser("user", help="users").add_subparsers(required=True)
+    add = user.add_parser("add", parents=[common], help="create a user and print a new token")
+    add.add_argument("name")
+    add.add_argument("--days", type=float, help="token lifetime (default --token-days)")
+    add.set_defaults(func=_user_add)
+
+    token = sub.add_parser("token", help="tokens").add_subparsers(required=True)
+    issue = token.add_parser("issue", parents=[common], help="print a new token for a user")
+    issue.add_argument("name")
+    issue.add_argument("--days", type=float)
+    issue.set_defaults(func=_token_issue)
+    ls = token.add_parser("list", parents=[common], help="list tokens (never their values)")
+    ls.add_argument("name", nargs="?")
+    ls.set_defaults(func=_token_list)
+    rv = token.add_parser("revoke", parents=[common], help="revoke a token by its id")
+    rv.add_argument("token_id")
+    rv.set_defaults(func=_token_revoke)
+    return p
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    values = {}
+    for field in msgspec.structs.fields(Settings):
+        value = getattr(args, field.name, None)
+        if value is None and f"GPUJOBQ_{field.name.upper()}" in os.environ:
+            value = os.environ[f"GPUJOBQ_{field.name.upper()}"]
+        if value is not None:
+            values[field.name] = value
+    return msgspec.convert(values, Settings, strict=False)
+
+
+def _serve(settings: Settings, args: argparse.Namespace) -> int:
+    import uvicorn
+    from gpujobq.controller import app
+
+    application = app.create_app(settings)
+    uvicorn.run(application, host=settings.host, port=settings.port,
+                timeout_graceful_shutdown=5, log_level="info")
+    return 0
+
+
+def _keygen(settings: Settings, args: argparse.Namespace) -> int:
+    sshkeys.ensure_private_key(settings.client_key, comment="gpujobq-controller")
+    print(pathlib.Path(f"{settings.client_key}.pub").read_text().strip())
+    return 0
+
+
+def _user_add(settings: Settings, args: argparse.Namespace) -> int:
+    db = database.open_database(settings.database)
+    now = time.time()
+    created = accounts.add_user(db, args.name, now)
+    token = accounts.issue_token(db, args.name, now, args.days or settings.token_days)
+    print(f"# user {args.name} {'created' if created else 'exists'}; new token:", file=sys.stderr)
+    print(token)
+    return 0
+
+
+def _token_issue(settings: Settings, args: argparse.Namespace) -> int:
+    db = database.open_database(settings.database)
+    print(accounts.issue_token(db, args.name, time.time(), args.days or settings.token_days))
+    return 0
+
+
+def _token_list(settings: Settings, args: argparse.Namespace) -> int:
+    db = database.open_database(settings.database)
+    now = time.time()
+    print(f"{'ID':<14}{'USER':<20}{'CREATED':<22}{'EXPIRES':<22}STATE")
+    for t in accounts.list_tokens(db, args.name):
+        state = "revoked" if t.revoked_at else ("expired" if t.expires_at <= now else "active")
+        print(f"{t.id:<14}{t.user_id:<20}{_when(t.created_at):<22}{_when(t.expires_at):<22}{state}")
+    return 0
+
+
+def _token_revoke(settings: Settings, args: argparse.Namespace) -> int:
+    db = database.open_database(settings.database)
+    if not accounts.revoke_token(db, args.token_id, time.time()):
+        raise errors.NotFound(f"no active token with id {args.token_id!r}")
+    print(f"revoked {args.token_id}")
+    return 0
+
+
+def _when(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""One SSH link per agent host: connect, hello, job channel, reconnect with backoff.
+
+The link pins the host's key (never ``known_hosts=None``), authenticates with the
+controller's client key, keeps the connection alive with SSH keepalives, and carries
+all job traffic on one long-lived ``jobs`` channel. It reports what happens to a
+handler (the dispatcher) and never touches job state itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from typing import Protocol
+
+import asyncssh
+from gpujobq.protocol import messages, wire
+
+log = logging.getLogger(__name__)
+
+# GCM first: large writes reach ~170 MB/s with it, against ~4 MB/s small-write defaults.
+_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com",
+            "aes128-ctr", "aes256-ctr")
+
+
+class LinkDown(Exception):
+    """The host's job channel is not open."""
+
+
+class Handler(Protocol):
+    def on_connected(self, link: Link, hello: messages.Hello) -> None: ...
+    def on_message(self, link: Link, msg: messages.Up) -> None: ...
+    def on_disconnected(self, link: Link) -> None: ...
+
+
+class Link:
+    def __init__(
+        self,
+        *,
+        name: str,
+        address: str,
+        port: int,
+        user: str,
+        host_key: asyncssh.SSHKey,
+        client_key: asyncssh.SSHKey,
+        handler: Handler,
+        keepalive: float = 10.0,
+        backoff_max: float = 30.0,
+    ) -> None:
+        self.name = name
+        self.address = address
+        self.port = port
+        self.user = user
+        self.host_key = host_key
+        self.client_key = client_key
+        self.handler = handler
+        self.keepalive = keepalive
+        self.backoff_max = backoff_max
+        self.hello: messages.Hello | None = None
+        self.last_error: str | None = None
+        self.down_since: float | None = time.time()
+        self._channel: asyncssh.SSHClientProcess[bytes] | None = None
+        self._conn: asyncssh.SSHClientConnection | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self._channel is not None
+
+    def send(self, msg: messages.Down) -> None:
+        if self._channel is None:
+            raise LinkDown(f"agent {self.name} is not connected")
+        try:
+            self._channel.stdin.write(wire.frame(msg))
+        except (OSError, asyncssh.Error) as exc:
+            raise LinkDown(f"agent {self.name}: {exc}") from exc
+
+    async def run(self) -> None:
+        """Keep the link up until cancelled."""
+        failures = 0
+        while True:
+            try:
+                await self._session()
+                failures = 0
+            except asyncio.CancelledError:
+                raise
+            except (OSError, asyncssh.Error, messages.ProtocolError, TimeoutError) as exc:
+                failures += 1
+                self.last_error = str(exc) or type(exc).__name__
+                log.warning("agent %s: %s", self.name, self.last_error)
+            except Exception as exc:
+                failures += 1
+                self.last_error = repr(exc)
+                log.exception("agent %s: link failed", self.name)
+            finally:
+                await self._teardown()
+            # Exponential backoff with full jitter: many controllers or hosts coming back
+            # at once do not reconnect in lockstep.
+            ceiling = min(self.backoff_max, 0.25 * 2 ** min(failures, 10))
+            await asyncio.sleep(random.uniform(ceiling / 2, ceiling))
+
+    async def _session(self) -> None:
+        self._conn = await asyncio.wait_for(
+            asyncssh.connect(
+                self.address,
+                self.port,
+                username=self.user,
+                client_keys=[self.client_key],
+                known_hosts=([self.host_key], [], []),
+                keepalive_interval=self.keepalive,
+                keepalive_count_max=3,
+                encryption_algs=_CIPHERS,
+                agent_path=None,
+                config=[],
+            ),
+            timeout=15,
+        )
+        hello_run = await asyncio.wait_for(
+            self._conn.run("hello", encoding=None, check=True), timeout=15
+        )
+        stdout = hello_run.stdout
+        assert isinstance(stdout, bytes)
+        self.hello = wire.decode_hello(stdout)
+        channel = await self._conn.create_process("jobs", encoding=None)
+        self._channel = channel
+        self.down_since = None
+        self.last_error = None
+        log.info("agent %s connected (runtime %s)", self.name, self.hello.runtime)
+        self.handler.on_connected(self, self.hello)
+        while (body := await wire.read_frame(channel.stdout)) is not None:
+            try:
+                msg = wire.decode_up(body)
+            except messages.ProtocolError as exc:
+                log.warning("agent %s sent an unreadable message: %s", self.name, exc)
+                continue
+            self.handler.on_message(self, msg)
+        raise ConnectionError("job channel closed by the agent")
+
+    async def _teardown(self) -> None:
+        was_up = self._channel is not None
+        self._channel = None
+        if self.down_since is None:
+            self.down_since = time.time()
+        if self._conn is not None:
+            self._conn.close()
+            try:
+                await asyncio.wait_for(self._conn.wait_closed(), 5)
+            except (TimeoutError, asyncssh.Error, OSError):
+                pass
+            self._conn = None
+        if was_up:
+            self.handler.on_disconnected(self)

@@ -1,0 +1,221 @@
+"""HTTP routes: thin. Decode, call the service, encode. Errors become {"detail": ...}."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import msgspec
+from gpujobq.controller import errors, results, service, store
+from gpujobq.protocol import jobconfig
+from gpujobq.protocol.states import TERMINAL
+from litestar import Request, Response, get, post
+from litestar.datastructures import UploadFile
+from litestar.exceptions import HTTPException, ValidationException
+
+log = logging.getLogger(__name__)
+
+FORBIDDEN = "Token does not belong to specified user_id"
+MAX_PAGE = 500
+
+
+class SubmitReply(msgspec.Struct):
+    job_id: str
+    status: str
+    stdout: str
+    stderr: str
+    exit_code: int | None
+
+
+class StatusReply(msgspec.Struct):
+    job_id: str
+    status: str
+    node_id: int | None
+    created_at: str | None
+    started_at: str | None
+    completed_at: str | None
+    reason: str | None
+    node: str | None
+    attempt: int
+    queue_position: int | None
+    time_limit: float
+
+
+class JobItem(msgspec.Struct):
+    job_id: str
+    status: str
+    competition_id: str
+    created_at: str | None
+
+
+class CancelReply(msgspec.Struct):
+    job_id: str
+    status: str
+    reason: str | None
+
+
+def _service(request: Request[Any, Any, Any]) -> service.JobService:
+    svc: service.JobService = request.app.state.service
+    return svc
+
+
+def _token(request: Request[Any, Any, Any]) -> str | None:
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    return value.strip() or None if scheme.lower() == "bearer" else None
+
+
+def _user(request: Request[Any, Any, Any], claimed: str | None) -> str:
+    """The token's user; 401 for a bad token, 403 when ``claimed`` is someone else."""
+    user = _service(request).authenticate(_token(request))
+    if claimed is not None and claimed != user:
+        raise errors.Forbidden(FORBIDDEN)
+    return user
+
+
+def _result(job: store.Job) -> SubmitReply:
+    return SubmitReply(
+        job_id=job.id, status=job.status.value, stdout=results.text(job.stdout),
+        stderr=results.text(job.stderr), exit_code=job.exit_code,
+    )
+
+
+async def _part(form: Any, name: str) -> bytes:
+    value = form.get(name)
+    if value is None:
+        raise errors.BadRequest(f"Missing form field '{name}' (send it with -F '{name}=@FILE')")
+    if isinstance(value, UploadFile):
+        return await value.read()
+    return str(value).encode()
+
+
+@post("/api/submit", status_code=200)
+async def submit(request: Request[Any, Any, Any], wait: bool = True) -> Response[SubmitReply]:
+    svc = _service(request)
+    user = _user(request, None)
+    form = await request.form()
+    code = await _part(form, "code")
+    raw_config = await _part(form, "config_file")
+    if not code.strip():
+        raise errors.BadRequest("Form field 'code' is empty")
+    try:
+        config = jobconfig.parse(raw_config)
+    except jobconfig.ConfigError as exc:
+        raise (errors.BadRequest if exc.malformed else errors.Unprocessable)(str(exc)) from exc
+    if config.user_id != user:
+        raise errors.Forbidden(FORBIDDEN)
+    if config.token is not None and config.token != _token(request):
+        raise errors.Forbidden("The token in config.yaml does not match the Authorization header")
+    key = request.headers.get("idempotency-key")
+    if key is not None and not (0 < len(key) <= 200 and key.isprintable()):
+        raise errors.BadRequest("Idempotency-Key must be 1-200 printable characters")
+    job = svc.submit(config, code, key)
+    if wait:
+        job = await svc.wait(job, svc.settings.wait_cap)
+    return Response(_result(job), status_code=200 if job.status in TERMINAL else 202)
+
+
+@get("/api/status/{job_id:str}")
+async def status(
+    request: Request[Any, Any, Any], job_id: str, user_id: str | None = None
+) -> StatusReply:
+    svc = _service(request)
+    job = svc.job_of(job_id, _user(request, user_id))
+    node_ids = request.app.state.node_ids
+    return StatusReply(
+        job_id=job.id, status=job.status.value,
+        node_id=node_ids.get(job.node) if job.node else None,
+        created_at=results.iso(job.created_at), started_at=results.iso(job.started_at),
+        completed_at=results.iso(job.completed_at), reason=job.reason, node=job.node,
+        attempt=job.attempt, queue_position=svc.store.queue_position(job),
+        time_limit=job.time_limit,
+    )
+
+
+@get("/api/results/{job_id:str}")
+async def result(
+    request: Request[Any, Any, Any], job_id: str, user_id: str | None = None
+) -> SubmitReply:
+    svc = _service(request)
+    return _result(svc.job_of(job_id, _user(request, user_id)))
+
+
+@get("/api/jobs")
+async def jobs(
+    request: Request[Any, Any, Any],
+    user_id: str | None = None,
+    limit: int = 100,
+    cursor: str | None = None,
+) -> Response[list[JobItem]]:
+    svc = _service(request)
+    user = _user(request, user_id)
+    if not 1 <= limit <= MAX_PAGE:
+        raise errors.BadRequest(f"limit must be between 1 and {MAX_PAGE}")
+    before = None
+    if cursor is not None:
+        if not cursor.isdigit() or len(cursor) > 18:
+            raise errors.BadRequest("Invalid cursor: pass the X-Next-Cursor of a previous page")
+        before = int(cursor)
+    page = svc.store.list_for_user(user, limit + 1, before)
+    headers = {}
+    if len(page) > limit:
+        page = page[:limit]
+        headers["X-Next-Cursor"] = str(page[-1].seq)
+    body = [
+        JobItem(job_id=j.job_id, status=j.status, competition_id=j.competition_id,
+                created_at=results.iso(j.created_at))
+        for j in page
+    ]
+    return Response(body, headers=headers)
+
+
+@post("/api/cancel/{job_id:str}", status_code=200)
+async def cancel(
+    request: Request[Any, Any, Any], job_id: str, user_id: str | None = None
+) -> CancelReply:
+    svc = _service(request)
+    job = await svc.cancel(svc.job_of(job_id, _user(request, user_id)))
+    return CancelReply(job_id=job.id, status=job.status.value, reason=job.reason)
+
+
+@get("/api/health")
+async def health(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    links = _service(request).dispatcher.links
+    return {
+        "status": "ok",
+        "agents": {
+            name: {"connected": link.connected, "error": link.last_error}
+            for name, link in links.items()
+        },
+    }
+
+
+ROUTES = [submit, status, result, jobs, cancel, health]
+
+
+def error_response(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    """Every error, in the guide's shape: {"detail": "..."}."""
+    headers: dict[str, str] = {}
+    if isinstance(exc, errors.ControllerError):
+        code, detail, headers = exc.status_code, exc.detail, exc.headers
+        log.info("%s %s -> %d %s", request.method, request.url.path, code, detail)
+    elif isinstance(exc, ValidationException):
+        code, detail = 400, _validation_detail(exc)
+    elif isinstance(exc, HTTPException):
+        code, detail = exc.status_code, exc.detail
+        if code == 413:
+            limit = _service(request).settings.max_upload
+            detail = f"Request body too large: at most {limit} bytes"
+        headers = dict(exc.headers or {})
+    else:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        code, detail = 500, "Internal server error"
+    return Response({"detail": detail}, status_code=code, headers=headers)
+
+
+def _validation_detail(exc: ValidationException) -> str:
+    problems = [
+        f"{e.get('key', '?')}: {e.get('message', 'invalid')}"
+        for e in (exc.extra if isinstance(exc.extra, list) else [])
+        if isinstance(e, dict)
+    ]
+    return "Invalid request" + (f" ({'; '.join(problems)})" if problems else "")

@@ -1,0 +1,46 @@
+"""The controller's exceptions; the HTTP edge maps each to a status in one table."""
+
+from __future__ import annotations
+
+
+class ControllerError(Exception):
+    status_code = 500
+
+    def __init__(self, detail: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.headers = headers or {}
+
+
+class BadRequest(ControllerError):
+    status_code = 400
+
+
+class Unauthorized(ControllerError):
+    status_code = 401
+
+
+class Forbidden(ControllerError):
+    status_code = 403
+
+
+class NotFound(ControllerError):
+    status_code = 404
+
+
+class Conflict(ControllerError):
+    status_code = 409
+
+
+class Unprocessable(ControllerError):
+    status_code = 422
+
+
+class RateLimited(ControllerError):
+    status_code = 429
+
+
+class TransitionError(ControllerError):
+    """A guarded state change found the job in another state (or another attempt)."""
+
+    status_code = 409

@@ -1,0 +1,77 @@
+"""Result records: ``{user_id}_{competition_id}_{timestamp}.jsonl`` in the results folder.
+
+Created exclusively and never through a link; the IDs in the name were validated at
+submission (letters, digits, '.', '_', '-'), so no name can leave the folder. Should
+two records ever want the same name, the second gets the job id appended.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import pathlib
+
+import msgspec
+from gpujobq.controller import store
+from gpujobq.protocol import jobconfig
+
+
+class Record(msgspec.Struct, frozen=True):
+    job_id: str
+    user_id: str
+    competition_id: str
+    project_id: str
+    status: str
+    reason: str | None
+    exit_code: int | None
+    stdout: str
+    stderr: str
+    node: str | None
+    attempt: int
+    created_at: str
+    started_at: str | None
+    completed_at: str | None
+
+
+def iso(ts: float | None) -> str | None:
+    """The guide's timestamps: UTC, ISO 8601, to the second ("2025-11-06T10:30:00")."""
+    if ts is None:
+        return None
+    return dt.datetime.fromtimestamp(ts, dt.UTC).replace(tzinfo=None).isoformat(
+        timespec="seconds"
+    )
+
+
+def text(data: bytes) -> str:
+    return data.decode("utf-8", errors="replace")
+
+
+def write(folder: pathlib.Path, job: store.Job) -> pathlib.Path:
+    for part in (job.user_id, job.competition_id):
+        if not jobconfig.valid_id(part):
+            raise ValueError(f"unsafe name part {part!r}")
+    stamp = dt.datetime.fromtimestamp(job.completed_at or 0.0, dt.UTC).strftime(
+        "%Y%m%dT%H%M%S.%fZ"
+    )
+    record = Record(
+        job_id=job.id, user_id=job.user_id, competition_id=job.competition_id,
+        project_id=job.project_id, status=job.status.value, reason=job.reason,
+        exit_code=job.exit_code, stdout=text(job.stdout), stderr=text(job.stderr),
+        node=job.node, attempt=job.attempt, created_at=iso(job.created_at) or "",
+        started_at=iso(job.started_at), completed_at=iso(job.completed_at),
+    )
+    line = msgspec.json.encode(record) + b"\n"
+    folder.mkdir(parents=True, exist_ok=True)
+    base = f"{job.user_id}_{job.competition_id}_{stamp}"
+    for name in (f"{base}.jsonl", f"{base}_{job.id}.jsonl"):
+        path = folder / name
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
+        except FileExistsError:
+            continue
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(line)
+            fh.flush()
+            os.fsync(fh.fileno())
+        return path
+    raise FileExistsError(f"{base}: both record names are taken")

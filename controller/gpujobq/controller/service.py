@@ -1,0 +1,85 @@
+"""What the API asks of the controller: submit, look up, wait, cancel."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+
+from gpujobq.controller import accounts, dispatcher, errors, ratelimit, store
+from gpujobq.controller.settings import Settings
+from gpujobq.protocol import jobconfig
+from gpujobq.protocol.states import TERMINAL, Status
+
+NOT_FOUND = "Job not found"  # the same for unknown, malformed and other users' ids
+
+
+class JobService:
+    def __init__(
+        self,
+        *,
+        store: store.Store,
+        dispatcher: dispatcher.Dispatcher,
+        settings: Settings,
+        clock: Callable[[], float],
+    ) -> None:
+        self.store = store
+        self.dispatcher = dispatcher
+        self.settings = settings
+        self.clock = clock
+        self.limits = ratelimit.Limits(
+            submits=settings.submit_limit, window=settings.submit_window,
+            active=settings.active_limit,
+        )
+
+    def authenticate(self, token: str | None) -> str:
+        user = accounts.authenticate(self.store.db, token, self.clock()) if token else None
+        if user is None:
+            raise errors.Unauthorized("Invalid or expired token")
+        return user
+
+    def time_limit(self, expected_time: float) -> float:
+        return min(expected_time * self.settings.time_limit_factor, self.settings.max_time_limit)
+
+    def submit(
+        self, config: jobconfig.JobConfig, code: bytes, idempotency_key: str | None
+    ) -> store.Job:
+        job, created = self.store.submit(
+            store.NewJob(
+                id=str(uuid.uuid4()),
+                user_id=config.user_id,
+                competition_id=config.competition_id,
+                project_id=config.project_id,
+                expected_time=config.expected_time,
+                time_limit=self.time_limit(config.expected_time),
+                code=code,
+                config=jobconfig.for_job(config),
+                idempotency_key=idempotency_key,
+            ),
+            self.limits,
+        )
+        if created:
+            self.dispatcher.wake()
+        return job
+
+    def job_of(self, job_id: str, user_id: str) -> store.Job:
+        job = self.store.get(job_id)
+        if job is None or job.user_id != user_id:
+            raise errors.NotFound(NOT_FOUND)
+        return job
+
+    async def wait(self, job: store.Job, timeout: float) -> store.Job:
+        """The job once terminal, or as it is after ``timeout`` seconds."""
+        if job.status not in TERMINAL:
+            await self.dispatcher.watchers.wait(job.id, timeout)
+        fresh = self.store.get(job.id)
+        assert fresh is not None
+        return fresh
+
+    async def cancel(self, job: store.Job) -> store.Job:
+        if job.status in TERMINAL:
+            raise errors.Conflict(f"Job already finished with status {job.status}")
+        job = self.dispatcher.cancel(job)
+        if job.status is Status.RUNNING:
+            # The agent stops it: SIGTERM, then SIGKILL after the grace period.
+            job = await self.wait(job, self.settings.grace + 5.0)
+        return job

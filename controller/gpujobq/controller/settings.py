@@ -1,0 +1,36 @@
+"""The controller's settings: one object, built in __main__ and passed down."""
+
+from __future__ import annotations
+
+import pathlib
+
+import msgspec
+
+
+class Settings(msgspec.Struct, kw_only=True):
+    host: str = "127.0.0.1"
+    port: int = 8001
+    database: pathlib.Path = pathlib.Path("var/gpujobq.db")
+    inventory: pathlib.Path = pathlib.Path("inventory.yaml")
+    results_dir: pathlib.Path = pathlib.Path("var/results")
+    client_key: pathlib.Path = pathlib.Path("var/controller/id_ed25519")
+    # A waiting submit answers 202 (job id, current status) after this many seconds,
+    # below the guide's Python example's 300 s client timeout.
+    wait_cap: float = 270.0
+    # Rate limits (the guide's): submissions per sliding window, and active jobs per user.
+    submit_limit: int = 5
+    submit_window: float = 60.0
+    active_limit: int = 1
+    # A job may run for time_limit_factor x expected_time (the original used 2x), at most
+    # max_time_limit seconds; then SIGTERM, `grace` seconds, SIGKILL.
+    time_limit_factor: float = 2.0
+    max_time_limit: float = 24 * 3600.0
+    grace: float = 10.0
+    output_cap: int = 1 << 20  # bytes kept per stream (head and tail, marker between)
+    max_upload: int = 5 << 20  # bytes of one submit request
+    token_days: float = 90.0  # default lifetime of a new token
+    # Agents: SSH keepalive, reconnect backoff, and when a silent host's jobs are requeued.
+    keepalive: float = 10.0
+    backoff_max: float = 30.0
+    node_lost_after: float = 120.0
+    max_retries: int = 2  # platform failures requeue a job at most this many times

@@ -1,0 +1,331 @@
+"""The job store: the only writer of job state.
+
+Every change of status is one guarded UPDATE (``WHERE id = ? AND status IN (...)``,
+and ``AND attempt = ?`` for what an agent reports), written in the same transaction
+as its ``job_events`` row. "No row changed" raises TransitionError: wrong state, stale
+attempt or unknown job. Terminal states are never left.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import msgspec
+import sqlite_utils
+from gpujobq.controller import database, errors, ratelimit
+from gpujobq.protocol.states import ACTIVE, TERMINAL, Reason, Status
+
+_COLUMNS = (
+    "id, user_id, competition_id, project_id, expected_time, time_limit, status, reason,"
+    " detail, attempt, retries, node, gpus, cancel_requested, created_at, started_at,"
+    " completed_at, exit_code, stdout, stderr, seq"
+)
+
+
+class Job(msgspec.Struct, frozen=True):
+    id: str
+    user_id: str
+    competition_id: str
+    project_id: str
+    expected_time: float
+    time_limit: float
+    status: Status
+    reason: str | None
+    detail: str | None
+    attempt: int
+    retries: int
+    node: str | None
+    gpus: tuple[int, ...]
+    cancel_requested: bool
+    created_at: float
+    started_at: float | None
+    completed_at: float | None
+    exit_code: int | None
+    stdout: bytes
+    stderr: bytes
+    seq: int
+
+
+class Summary(msgspec.Struct, frozen=True):
+    seq: int
+    job_id: str
+    status: str
+    competition_id: str
+    created_at: float
+
+
+class NewJob(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    user_id: str
+    competition_id: str
+    project_id: str
+    expected_time: float
+    time_limit: float
+    code: bytes
+    config: bytes
+    idempotency_key: str | None = None
+
+
+def _job(row: tuple[Any, ...]) -> Job:
+    values = list(row)
+    values[6] = Status(values[6])
+    values[12] = tuple(json.loads(values[12])) if values[12] else ()
+    values[13] = bool(values[13])
+    values[18] = values[18] or b""
+    values[19] = values[19] or b""
+    return Job(*values)
+
+
+class Store:
+    def __init__(self, db: sqlite_utils.Database, clock: Callable[[], float]) -> None:
+        self.db = db
+        self.clock = clock
+
+    # ---- reads -----------------------------------------------------------------------
+
+    def get(self, job_id: str) -> Job | None:
+        row = self.db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", [job_id]).fetchone()
+        return _job(row) if row else None
+
+    def payload(self, job_id: str) -> tuple[bytes, bytes]:
+        row = self.db.execute("SELECT code, config FROM jobs WHERE id = ?", [job_id]).fetchone()
+        if row is None:
+            raise errors.NotFound("Job not found")
+        return row[0], row[1]
+
+    def by_status(self, status: Status, limit: int | None = None) -> list[Job]:
+        sql = f"SELECT {_COLUMNS} FROM jobs WHERE status = ? ORDER BY seq"
+        args: list[Any] = [status.value]
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit)
+        return [_job(r) for r in self.db.execute(sql, args)]
+
+    def list_for_user(self, user_id: str, limit: int, before: int | None) -> list[Summary]:
+        """A user's jobs, newest first, paged by keyset (``seq < before``), never OFFSET."""
+        sql = "SELECT seq, id, status, competition_id, created_at FROM jobs WHERE user_id = ?"
+        args: list[Any] = [user_id]
+        if before is not None:
+            sql += " AND seq < ?"
+            args.append(before)
+        sql += " ORDER BY seq DESC LIMIT ?"
+        args.append(limit)
+        return [Summary(*r) for r in self.db.execute(sql, args)]
+
+    def queue_position(self, job: Job) -> int | None:
+        """1 for the next job to start; None unless pending."""
+        if job.status is not Status.PENDING:
+            return None
+        row = self.db.execute(
+            "SELECT COUNT(*) FROM jobs WHERE status = 'pending' AND seq <= ?", [job.seq]
+        ).fetchone()
+        return int(row[0])
+
+    def events(self, job_id: str) -> list[dict[str, Any]]:
+        return list(
+            self.db.query(
+                "SELECT attempt, from_status, to_status, at, reason, detail FROM job_events"
+                " WHERE job_id = ? ORDER BY id",
+                [job_id],
+            )
+        )
+
+    def node_ids(self, names: Iterable[str]) -> dict[str, int]:
+        """Stable integer ids for host names (the guide's node_id: 0, 1, ...), made on first sight."""
+        with database.write(self.db):
+            for name in names:
+                self.db.execute(
+                    "INSERT INTO nodes (id, name) SELECT COALESCE(MAX(id) + 1, 0), ? FROM nodes"
+                    " WHERE NOT EXISTS (SELECT 1 FROM nodes WHERE name = ?)",
+                    [name, name],
+                )
+        return {name: nid for nid, name in self.db.execute("SELECT id, name FROM nodes")}
+
+    # ---- submission --------------------------------------------------------------------
+
+    def submit(self, new: NewJob, limits: ratelimit.Limits) -> tuple[Job, bool]:
+        """Store a job, enforcing the user's limits atomically; (job, created).
+
+        With an idempotency key already used by this user, the earlier job is returned
+        and nothing is stored. A refusal raises RateLimited and stores nothing.
+        """
+        now = self.clock()
+        with database.write(self.db):
+            if new.idempotency_key is not None:
+                row = self.db.execute(
+                    "SELECT id FROM jobs WHERE user_id = ? AND idempotency_key = ?",
+                    [new.user_id, new.idempotency_key],
+                ).fetchone()
+                if row:
+                    job = self.get(row[0])
+                    assert job is not None
+                    return job, False
+            active = [
+                ratelimit.ActiveJob(*r)
+                for r in self.db.execute(
+                    "SELECT expected_time, started_at FROM jobs"
+                    " WHERE user_id = ? AND status IN ('pending', 'running')",
+                    [new.user_id],
+                )
+            ]
+            recent = [
+                r[0]
+                for r in self.db.execute(
+                    "SELECT created_at FROM jobs WHERE user_id = ? AND created_at > ?",
+                    [new.user_id, now - limits.window],
+                )
+            ]
+            refusal = ratelimit.check(limits, active, recent, now)
+            if refusal is not None:
+                raise errors.RateLimited(
+                    refusal.detail, headers={"Retry-After": str(refusal.retry_after)}
+                )
+            self.db.execute(
+                "INSERT INTO jobs (id, user_id, competition_id, project_id, expected_time,"
+                " time_limit, status, code, config, idempotency_key, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?)",
+                [new.id, new.user_id, new.competition_id, new.project_id, new.expected_time,
+                 new.time_limit, new.code, new.config, new.idempotency_key, now],
+            )
+            self._event(new.id, 0, None, Status.PENDING, now, "submitted", None)
+        job = self.get(new.id)
+        assert job is not None
+        return job, True
+
+    # ---- transitions -------------------------------------------------------------------
+
+    def dispatch(self, job_id: str, node: str, gpus: Iterable[int]) -> Job:
+        """pending -> running on a node, as a new attempt."""
+        return self._move(
+            job_id, {Status.PENDING}, Status.RUNNING, reason="dispatched", detail=node,
+            sets={"node": node, "gpus": json.dumps(list(gpus)), "started_at": None},
+            raw_sets="attempt = attempt + 1",
+        )
+
+    def mark_started(self, job_id: str, attempt: int, at: float) -> Job:
+        return self._move(
+            job_id, {Status.RUNNING}, Status.RUNNING, attempt=attempt, reason="started",
+            sets={"started_at": at},
+        )
+
+    def finish(
+        self,
+        job_id: str,
+        attempt: int,
+        *,
+        status: Status,
+        reason: str,
+        exit_code: int | None,
+        stdout: bytes,
+        stderr: bytes,
+        detail: str | None,
+        at: float,
+    ) -> Job:
+        assert status in TERMINAL
+        return self._move(
+            job_id, {Status.RUNNING}, status, attempt=attempt, reason=reason, detail=detail,
+            sets={"exit_code": exit_code, "stdout": stdout, "stderr": stderr,
+                  "completed_at": at, "reason": reason, "detail": detail},
+        )
+
+    def cancel_pending(self, job_id: str) -> Job:
+        return self._end_without_agent(job_id, Status.PENDING, "cancelled by the user")
+
+    def force_cancel(self, job_id: str, attempt: int, detail: str) -> Job:
+        """running -> cancelled without the agent's word (its host is unreachable)."""
+        return self._end_without_agent(job_id, Status.RUNNING, detail, attempt=attempt)
+
+    def request_cancel(self, job_id: str, attempt: int) -> Job:
+        return self._move(
+            job_id, {Status.RUNNING}, Status.RUNNING, attempt=attempt,
+            reason="cancel_requested", sets={"cancel_requested": 1},
+        )
+
+    def requeue(
+        self, job_id: str, attempt: int, detail: str, max_retries: int, *, count: bool = True
+    ) -> Job:
+        """A platform failure: back to the queue, or failed once the retry budget is spent.
+
+        ``count=False`` is for a job whose RunJob never left the controller.
+        """
+        job = self.get(job_id)
+        if count and job is not None and job.retries >= max_retries:
+            return self._move(
+                job_id, {Status.RUNNING}, Status.FAILED, attempt=attempt,
+                reason=Reason.NODE_LOST, detail=detail,
+                sets={"reason": Reason.NODE_LOST.value, "detail": detail,
+                      "completed_at": self.clock()},
+            )
+        return self._move(
+            job_id, {Status.RUNNING}, Status.PENDING, attempt=attempt,
+            reason=Reason.REQUEUED, detail=detail,
+            sets={"node": None, "gpus": None, "started_at": None, "cancel_requested": 0},
+            raw_sets="retries = retries + 1" if count else None,
+        )
+
+    def _end_without_agent(
+        self, job_id: str, current: Status, detail: str, attempt: int | None = None
+    ) -> Job:
+        return self._move(
+            job_id, {current}, Status.CANCELLED, attempt=attempt,
+            reason=Reason.CANCELLED_BY_USER, detail=detail,
+            sets={"reason": Reason.CANCELLED_BY_USER.value, "completed_at": self.clock()},
+        )
+
+    def _move(
+        self,
+        job_id: str,
+        allowed: set[Status],
+        to: Status,
+        *,
+        attempt: int | None = None,
+        reason: str | None = None,
+        detail: str | None = None,
+        sets: dict[str, Any] | None = None,
+        raw_sets: str | None = None,
+    ) -> Job:
+        sets = dict(sets or {})
+        assignments = ["status = ?", *(f"{col} = ?" for col in sets)]
+        if raw_sets:
+            assignments.append(raw_sets)
+        states = sorted(s.value for s in allowed)
+        sql = (
+            f"UPDATE jobs SET {', '.join(assignments)} WHERE id = ?"
+            f" AND status IN ({', '.join('?' * len(states))})"
+        )
+        args: list[Any] = [to.value, *sets.values(), job_id, *states]
+        if attempt is not None:
+            sql += " AND attempt = ?"
+            args.append(attempt)
+        now = self.clock()
+        with database.write(self.db):
+            before = self.db.execute(
+                "SELECT status, attempt FROM jobs WHERE id = ?", [job_id]
+            ).fetchone()
+            row = self.db.execute(sql + " RETURNING attempt", args).fetchone()
+            if row is None:
+                found = f"{before[0]} attempt {before[1]}" if before else "no such job"
+                raise errors.TransitionError(
+                    f"job {job_id}: cannot go to {to} from {found}"
+                    + (f" (report for attempt {attempt})" if attempt is not None else "")
+                )
+            self._event(job_id, row[0], before[0], to, now, reason, detail)
+        job = self.get(job_id)
+        assert job is not None
+        return job
+
+    def _event(
+        self, job_id: str, attempt: int, src: str | None, dst: Status, at: float,
+        reason: str | None, detail: str | None,
+    ) -> None:
+        self.db.execute(
+            "INSERT INTO job_events (job_id, attempt, from_status, to_status, at, reason, detail)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [job_id, attempt, src, dst.value, at, reason, detail],
+        )
+
+
+def is_active(job: Job) -> bool:
+    return job.status in ACTIVE

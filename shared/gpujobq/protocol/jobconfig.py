@@ -1,0 +1,68 @@
+"""config.yaml: what a user sends with solution.py.
+
+Decoded strictly: an unknown field, a wrong type or a missing field is an error that
+names the field. The guide's Python example sends ``str(dict)``, which parses as a YAML
+flow mapping, and JSON parses as YAML too, so one loader takes all three forms.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any
+
+import msgspec
+import yaml
+from gpujobq.protocol import yamlsafe
+
+# Letters, digits, '.', '_' and '-'; starts with a letter or digit. IDs become parts of
+# file names (results/{user}_{competition}_{ts}.jsonl), so nothing else may pass.
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+Ident = Annotated[str, msgspec.Meta(pattern=ID_PATTERN)]
+MAX_EXPECTED_TIME = 30 * 24 * 3600.0
+
+_id_re = re.compile(ID_PATTERN)
+
+
+class JobConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    competition_id: Ident
+    project_id: Ident
+    user_id: Ident
+    expected_time: Annotated[float, msgspec.Meta(gt=0, le=MAX_EXPECTED_TIME)]
+    token: str | None = None
+
+
+class ConfigError(ValueError):
+    """config.yaml is unreadable (``malformed``) or does not fit the schema."""
+
+    def __init__(self, message: str, *, malformed: bool) -> None:
+        super().__init__(message)
+        self.malformed = malformed
+
+
+def valid_id(value: str) -> bool:
+    return bool(_id_re.match(value))
+
+
+def parse(raw: bytes) -> JobConfig:
+    try:
+        data = yamlsafe.load(raw)
+    except yamlsafe.YAMLError as exc:
+        raise ConfigError(f"config.yaml is not valid YAML: {exc}", malformed=True) from exc
+    if not isinstance(data, dict):
+        raise ConfigError("config.yaml must be a mapping of fields", malformed=True)
+    try:
+        return msgspec.convert(data, JobConfig, strict=True)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"config.yaml: {_readable(str(exc))}", malformed=False) from exc
+
+
+def for_job(config: JobConfig) -> bytes:
+    """config.yaml as the job sees it: the fields it sent, never the token."""
+    fields: dict[str, Any] = msgspec.structs.asdict(config)
+    fields.pop("token", None)
+    return yaml.safe_dump(fields, sort_keys=False).encode()
+
+
+def _readable(message: str) -> str:
+    # msgspec says "... - at `$.expected_time`"; users wrote "expected_time".
+    return message.replace("`$.", "`").replace("`$`", "the document")

@@ -1,0 +1,104 @@
+"""Controller <-> agent messages.
+
+Frozen, tagged msgspec Structs; one union per direction. Decoding tolerates unknown
+fields so controller and agents can be upgraded one at a time. Every job message
+carries ``job_id`` and ``attempt``: the agent names a job's process or container from
+both (a repeated RunJob is a no-op) and the controller ignores observations whose
+attempt is not the job's current one (fencing).
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+
+
+class Msg(msgspec.Struct, frozen=True, tag_field="type", kw_only=True):
+    pass
+
+
+class GPU(msgspec.Struct, frozen=True, kw_only=True):
+    """One GPU a job may be given: its index on the host and, for real devices, its UUID."""
+
+    index: int
+    uuid: str | None = None
+    virtual: bool = False
+
+
+# ---- controller -> agent -------------------------------------------------------------
+
+
+class RunJob(Msg, tag="run", frozen=True, kw_only=True):
+    job_id: str
+    attempt: int
+    code: bytes
+    config: bytes  # config.yaml as the job sees it (token removed)
+    gpus: tuple[GPU, ...] = ()
+    competition_id: str = ""
+    time_limit: float  # seconds of wall time before the job is stopped
+    grace: float = 10.0  # seconds between SIGTERM and SIGKILL
+    output_cap: int = 1 << 20  # bytes kept per stream
+
+
+class Cancel(Msg, tag="cancel", frozen=True, kw_only=True):
+    job_id: str
+    attempt: int
+
+
+class Ack(Msg, tag="ack", frozen=True, kw_only=True):
+    """The controller has stored this attempt's result: the agent may drop its spool."""
+
+    job_id: str
+    attempt: int
+
+
+Down = RunJob | Cancel | Ack
+
+
+# ---- agent -> controller -------------------------------------------------------------
+
+
+class Started(Msg, tag="started", frozen=True, kw_only=True):
+    job_id: str
+    attempt: int
+    at: float
+
+
+class Exited(Msg, tag="exited", frozen=True, kw_only=True):
+    job_id: str
+    attempt: int
+    at: float
+    reason: str  # a states.Reason value
+    exit_code: int | None
+    stdout: bytes = b""
+    stderr: bytes = b""
+    detail: str = ""  # for infra errors: what went wrong, in words
+
+
+class HeldJob(msgspec.Struct, frozen=True, kw_only=True):
+    job_id: str
+    attempt: int
+    finished: bool
+
+
+class Heartbeat(Msg, tag="heartbeat", frozen=True, kw_only=True):
+    at: float
+    jobs: tuple[HeldJob, ...] = ()
+
+
+Up = Started | Exited | Heartbeat
+
+
+class Hello(msgspec.Struct, frozen=True, kw_only=True):
+    """Answer to the agent's ``hello`` verb."""
+
+    version: int = PROTOCOL_VERSION
+    host: str
+    runtime: str
+    gpus: tuple[GPU, ...] = ()
+    jobs: tuple[HeldJob, ...] = ()
+
+
+class ProtocolError(Exception):
+    """A peer sent something that is not a valid message."""

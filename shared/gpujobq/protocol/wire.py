@@ -1,0 +1,62 @@
+"""Framing on an SSH channel: a 4-byte big-endian length, then a msgpack message."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from typing import Any
+
+import msgspec
+from gpujobq.protocol import messages
+
+MAX_FRAME = 256 << 20  # a RunJob carries the code; an Exited carries capped output
+_LEN = struct.Struct(">I")
+
+_encoder = msgspec.msgpack.Encoder()
+_down = msgspec.msgpack.Decoder(messages.Down)
+_up = msgspec.msgpack.Decoder(messages.Up)
+
+
+def frame(msg: Any) -> bytes:
+    body = _encoder.encode(msg)
+    return _LEN.pack(len(body)) + body
+
+
+def encode(msg: Any) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode_down(body: bytes) -> messages.Down:
+    return _decode(_down, body)
+
+
+def decode_up(body: bytes) -> messages.Up:
+    return _decode(_up, body)
+
+
+def decode_hello(body: bytes) -> messages.Hello:
+    return _decode(msgspec.msgpack.Decoder(messages.Hello), body)
+
+
+def _decode(decoder: msgspec.msgpack.Decoder[Any], body: bytes) -> Any:
+    try:
+        return decoder.decode(body)
+    except msgspec.DecodeError as exc:
+        raise messages.ProtocolError(str(exc)) from exc
+
+
+async def read_frame(reader: asyncio.StreamReader | Any) -> bytes | None:
+    """The next frame's body, or None at a clean end of stream."""
+    try:
+        head = await reader.readexactly(_LEN.size)
+    except asyncio.IncompleteReadError as exc:
+        if exc.partial:
+            raise messages.ProtocolError("stream ended inside a frame header") from exc
+        return None
+    (size,) = _LEN.unpack(head)
+    if size > MAX_FRAME:
+        raise messages.ProtocolError(f"frame of {size} bytes is over the {MAX_FRAME} limit")
+    try:
+        return bytes(await reader.readexactly(size))
+    except asyncio.IncompleteReadError as exc:
+        raise messages.ProtocolError("stream ended inside a frame") from exc

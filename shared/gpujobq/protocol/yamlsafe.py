@@ -1,0 +1,53 @@
+"""YAML for files people write: safe types only, no aliases, no duplicate keys, size-capped."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+
+class YAMLError(ValueError):
+    pass
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses aliases (billion laughs) and duplicate keys (silent overrides)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.constructor.ConstructorError(
+                None, None, "aliases are not allowed", event.start_mark
+            )
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+            except TypeError:
+                duplicate = False
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key) if isinstance(key, str | int | float | bool) else None
+        return super().construct_mapping(node, deep=deep)
+
+
+def load(text: bytes | str, *, max_bytes: int = 64 << 10) -> Any:
+    """Parse one YAML document (JSON and Python dict reprs parse as flow mappings)."""
+    if len(text) > max_bytes:
+        raise YAMLError(f"larger than {max_bytes} bytes")
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise YAMLError("not valid UTF-8") from exc
+    try:
+        return yaml.load(text, Loader=_StrictLoader)
+    except yaml.YAMLError as exc:
+        raise YAMLError(" ".join(str(exc).split())) from exc
