@@ -72,6 +72,12 @@ def _user(request: Request[Any, Any, Any], claimed: str | None) -> str:
     return user
 
 
+def _id(path: str) -> str:
+    # Routes take the rest of the path, so an id with a slash in it reaches the same
+    # "Job not found" as any other unknown id.
+    return path.removeprefix("/")
+
+
 def _result(job: store.Job) -> SubmitReply:
     return SubmitReply(
         job_id=job.id, status=job.status.value, stdout=results.text(job.stdout),
@@ -114,12 +120,12 @@ async def submit(request: Request[Any, Any, Any], wait: bool = True) -> Response
     return Response(_result(job), status_code=200 if job.status in TERMINAL else 202)
 
 
-@get("/api/status/{job_id:str}")
+@get("/api/status/{job_id:path}")
 async def status(
     request: Request[Any, Any, Any], job_id: str, user_id: str | None = None
 ) -> StatusReply:
     svc = _service(request)
-    job = svc.job_of(job_id, _user(request, user_id))
+    job = svc.job_of(_id(job_id), _user(request, user_id))
     node_ids = request.app.state.node_ids
     return StatusReply(
         job_id=job.id, status=job.status.value,
@@ -131,12 +137,12 @@ async def status(
     )
 
 
-@get("/api/results/{job_id:str}")
+@get("/api/results/{job_id:path}")
 async def result(
     request: Request[Any, Any, Any], job_id: str, user_id: str | None = None
 ) -> SubmitReply:
     svc = _service(request)
-    return _result(svc.job_of(job_id, _user(request, user_id)))
+    return _result(svc.job_of(_id(job_id), _user(request, user_id)))
 
 
 @get("/api/jobs")
@@ -168,12 +174,12 @@ async def jobs(
     return Response(body, headers=headers)
 
 
-@post("/api/cancel/{job_id:str}", status_code=200)
+@post("/api/cancel/{job_id:path}", status_code=200)
 async def cancel(
     request: Request[Any, Any, Any], job_id: str, user_id: str | None = None
 ) -> CancelReply:
     svc = _service(request)
-    job = await svc.cancel(svc.job_of(job_id, _user(request, user_id)))
+    job = await svc.cancel(svc.job_of(_id(job_id), _user(request, user_id)))
     return CancelReply(job_id=job.id, status=job.status.value, reason=job.reason)
 
 

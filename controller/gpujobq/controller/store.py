@@ -137,8 +137,8 @@ class Store:
         with database.write(self.db):
             for name in names:
                 self.db.execute(
-                    "INSERT INTO nodes (id, name) SELECT COALESCE(MAX(id) + 1, 0), ? FROM nodes"
-                    " WHERE NOT EXISTS (SELECT 1 FROM nodes WHERE name = ?)",
+                    "INSERT INTO nodes (id, name) SELECT (SELECT COALESCE(MAX(id) + 1, 0) FROM nodes),"
+                    " ? WHERE NOT EXISTS (SELECT 1 FROM nodes WHERE name = ?)",
                     [name, name],
                 )
         return {name: nid for nid, name in self.db.execute("SELECT id, name FROM nodes")}

@@ -1,0 +1,223 @@
+"""A real gpujobq on loopback for tests: agents on 127.0.0.x, a controller on uvicorn.
+
+Each piece is the real program started as a subprocess (`python -m gpujobq.agent
+serve`, `python -m gpujobq.controller serve`) with fresh keys, a fresh SQLite file and
+an inventory naming the agents' pinned host keys.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import requests
+from gpujobq.controller import accounts, database
+from gpujobq.protocol import sshkeys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+PYTHONPATH = os.pathsep.join(str(ROOT / p) for p in ("shared", "controller", "agent"))
+
+
+def free_port(address: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((address, 0))
+        return int(s.getsockname()[1])
+
+
+def env() -> dict[str, str]:
+    e = {k: v for k, v in os.environ.items() if not k.startswith("GPUJOBQ_")}
+    e["PYTHONPATH"] = PYTHONPATH + os.pathsep + e.get("PYTHONPATH", "")
+    e["PYTHONUNBUFFERED"] = "1"
+    return e
+
+
+class User:
+    def __init__(self, name: str, token: str) -> None:
+        self.name = name
+        self.token = token
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+
+class Agent:
+    def __init__(self, root: pathlib.Path, name: str, address: str, controller_pub: bytes) -> None:
+        self.name = name
+        self.address = address
+        self.dir = root / f"agent-{name}"
+        self.host_key = self.dir / "ssh_host_ed25519_key"
+        sshkeys.ensure_private_key(self.host_key, comment=f"test agent {name}")
+        sshkeys.authorize(self.dir / "authorized_keys", controller_pub)
+        self.port = free_port(address)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = open(self.dir / "agent.log", "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gpujobq.agent", "serve", "--name", self.name,
+             "--listen", self.address, "--port", str(self.port),
+             "--host-key", str(self.host_key),
+             "--authorized-keys", str(self.dir / "authorized_keys"),
+             "--spool", str(self.dir / "spool"), "--python", sys.executable,
+             "--heartbeat", "1"],
+            stdout=log, stderr=subprocess.STDOUT, env=env(),
+        )
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        _stop(self.proc, sig)
+
+
+class Cluster:
+    def __init__(self, root: pathlib.Path, agents: int = 1, gpus: int = 2, **settings: Any) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.db_path = root / "gpujobq.db"
+        self.results_dir = root / "results"
+        self.client_key = root / "controller" / "id_ed25519"
+        sshkeys.ensure_private_key(self.client_key, comment="test controller")
+        pub = pathlib.Path(f"{self.client_key}.pub").read_bytes()
+        self.agents = [Agent(root, f"node{i}", f"127.0.0.{i + 2}", pub) for i in range(agents)]
+        self.inventory = root / "inventory.yaml"
+        self.inventory.write_text(self._inventory(gpus))
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.settings = {"grace": 1, **settings}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._db = database.open_database(self.db_path)
+
+    def _inventory(self, gpus: int) -> str:
+        lines = ["hosts:"]
+        for a in self.agents:
+            lines += [
+                f"  - name: {a.name}",
+                f"    address: {a.address}",
+                f"    port: {a.port}",
+                f"    host_key_file: {a.host_key}.pub",
+                "    gpus:",
+                *(f"      - {{index: {i}, virtual: true}}" for i in range(gpus)),
+            ]
+        return "\n".join(lines) + "\n"
+
+    def start(self) -> Cluster:
+        for agent in self.agents:
+            agent.start()
+        self.start_controller()
+        return self
+
+    def controller_args(self) -> list[str]:
+        args = ["--port", str(self.port), "--database", str(self.db_path),
+                "--inventory", str(self.inventory), "--results-dir", str(self.results_dir),
+                "--client-key", str(self.client_key), "--backoff-max", "1"]
+        for key, value in self.settings.items():
+            args += ["--" + key.replace("_", "-"), str(value)]
+        return args
+
+    def start_controller(self) -> None:
+        log = open(self.root / "controller.log", "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gpujobq.controller", "serve", *self.controller_args()],
+            stdout=log, stderr=subprocess.STDOUT, env=env(),
+        )
+        self.wait_ready()
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"controller exited: {self.log('controller')[-3000:]}")
+            with contextlib.suppress(requests.RequestException):
+                health = requests.get(f"{self.url}/api/health", timeout=2).json()
+                if all(a["connected"] for a in health["agents"].values()):
+                    return
+            time.sleep(0.05)
+        raise TimeoutError(f"cluster not ready: {self.log('controller')[-3000:]}")
+
+    def stop(self) -> None:
+        _stop(self.proc)
+        for agent in self.agents:
+            agent.stop()
+        self._db.close()
+
+    def log(self, which: str) -> str:
+        path = self.root / f"{which}.log"
+        if which.startswith("node"):
+            path = self.root / f"agent-{which}" / "agent.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    # ---- helpers for tests ---------------------------------------------------------
+
+    def user(self, prefix: str = "u") -> User:
+        name = f"{prefix}-{uuid.uuid4().hex[:10]}"
+        accounts.add_user(self._db, name, time.time())
+        return User(name, accounts.issue_token(self._db, name, time.time(), days=1))
+
+    def submit(
+        self,
+        user: User,
+        code: str | bytes,
+        *,
+        wait: bool = True,
+        expected_time: float = 30,
+        timeout: float = 60,
+        **config: Any,
+    ) -> requests.Response:
+        fields = {"competition_id": "test", "project_id": "demo", "user_id": user.name,
+                  "expected_time": expected_time, "token": user.token, **config}
+        return requests.post(
+            f"{self.url}/api/submit" + ("" if wait else "?wait=false"),
+            headers=user.headers,
+            files={"code": ("solution.py", code, "text/x-python"),
+                   "config_file": ("config.yaml", str(fields), "application/x-yaml")},
+            timeout=timeout,
+        )
+
+    def get(self, user: User, what: str, job_id: str = "", **params: Any) -> requests.Response:
+        path = f"{self.url}/api/{what}" + (f"/{job_id}" if job_id else "")
+        return requests.get(path, headers=user.headers,
+                            params={"user_id": user.name, **params}, timeout=30)
+
+    def cancel(self, user: User, job_id: str) -> requests.Response:
+        return requests.post(f"{self.url}/api/cancel/{job_id}", headers=user.headers,
+                             params={"user_id": user.name}, timeout=30)
+
+    def wait_status(
+        self, user: User, job_id: str, statuses: set[str], timeout: float = 30
+    ) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            body: dict[str, Any] = self.get(user, "status", job_id).json()
+            if body["status"] in statuses:
+                return body
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still {body}")
+            time.sleep(0.05)
+
+
+def _stop(proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@contextlib.contextmanager
+def running(root: pathlib.Path, **kwargs: Any) -> Iterator[Cluster]:
+    cluster = Cluster(root, **kwargs)
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()
