@@ -116,7 +116,7 @@ async def test_controller_refuses_an_agent_with_another_host_key(env: Env) -> No
     task = asyncio.create_task(link.run())
     try:
         async with asyncio.timeout(10):
-            while link.last_error is None:
+            while link.last_error is None:  # noqa: ASYNC110 - polling another task's field
                 await asyncio.sleep(0.02)
     finally:
         task.cancel()
@@ -126,7 +126,10 @@ async def test_controller_refuses_an_agent_with_another_host_key(env: Env) -> No
 
 async def test_repeated_runjob_is_a_no_op(env: Env, tmp_path: pathlib.Path) -> None:
     marker = tmp_path / "runs.txt"
-    code = f"import time\nopen({str(marker)!r}, 'a').write('run\\n')\ntime.sleep(0.5)\nprint('done')"
+    code = (
+        f"import time\nopen({str(marker)!r}, 'a').write('run\\n')\n"
+        "time.sleep(0.5)\nprint('done')"
+    )
     async with await env.connect() as conn:
         ch = Channel(await conn.create_process("jobs", encoding=None))
         ch.send(run_job(code))

@@ -57,7 +57,8 @@ def test_expired_and_revoked_tokens_are_401(cluster: Cluster, user: User) -> Non
 def test_user_id_of_someone_else_is_403(cluster: Cluster, user: User) -> None:
     other = cluster.user()
     r = post(cluster, user, GOOD.format(user=other.name))
-    assert (r.status_code, r.json()) == (403, {"detail": "Token does not belong to specified user_id"})
+    assert r.status_code == 403
+    assert r.json() == {"detail": "Token does not belong to specified user_id"}
     job_id = cluster.submit(user, "print(1)").json()["job_id"]
     for what in ("status", "results"):
         r = requests.get(f"{cluster.url}/api/{what}/{job_id}", params={"user_id": other.name},
@@ -75,7 +76,9 @@ def test_token_in_config_must_match_the_bearer(cluster: Cluster, user: User) -> 
     assert "token in config.yaml" in r.json()["detail"]
 
 
-@pytest.mark.parametrize("job_id", ["0000", "not-a-uuid", "a b", "\u00fc", "%00", "x" * 300, "..%2Fetc"])
+@pytest.mark.parametrize(
+    "job_id", ["0000", "not-a-uuid", "a b", "\u00fc", "%00", "x" * 300, "..%2Fetc"]
+)
 def test_unknown_and_malformed_ids_are_the_same_404(cluster: Cluster, user: User,
                                                     job_id: str) -> None:
     for what in ("status", "results"):

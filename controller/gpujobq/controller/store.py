@@ -133,12 +133,13 @@ class Store:
         )
 
     def node_ids(self, names: Iterable[str]) -> dict[str, int]:
-        """Stable integer ids for host names (the guide's node_id: 0, 1, ...), made on first sight."""
+        """Stable ids for host names (the guide's node_id: 0, 1, ...), made on first sight."""
         with database.write(self.db):
             for name in names:
                 self.db.execute(
-                    "INSERT INTO nodes (id, name) SELECT (SELECT COALESCE(MAX(id) + 1, 0) FROM nodes),"
-                    " ? WHERE NOT EXISTS (SELECT 1 FROM nodes WHERE name = ?)",
+                    "INSERT INTO nodes (id, name)"
+                    " SELECT (SELECT COALESCE(MAX(id) + 1, 0) FROM nodes), ?"
+                    " WHERE NOT EXISTS (SELECT 1 FROM nodes WHERE name = ?)",
                     [name, name],
                 )
         return {name: nid for nid, name in self.db.execute("SELECT id, name FROM nodes")}
