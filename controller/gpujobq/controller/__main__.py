@@ -18,7 +18,7 @@ import time
 import msgspec
 from gpujobq.controller import accounts, database, errors
 from gpujobq.controller.settings import Settings
-from gpujobq.protocol import sshkeys
+from gpujobq.protocol import inventory, sshkeys
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("asyncssh").setLevel(logging.WARNING)  # it logs every channel at INFO
     try:
         return int(args.func(settings, args) or 0)
     except errors.ControllerError as exc:
@@ -84,7 +85,11 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
     from gpujobq.controller import app
 
-    application = app.create_app(settings)
+    try:
+        application = app.create_app(settings)
+    except (inventory.InventoryError, OSError, ValueError) as exc:
+        print(f"gpujobq-controller: cannot start: {exc}", file=sys.stderr)
+        return 2
     uvicorn.run(application, host=settings.host, port=settings.port,
                 timeout_graceful_shutdown=5, log_level="info")
     return 0

@@ -90,8 +90,9 @@ class Dispatcher:
 
     def run_once(self) -> int:
         """Requeue jobs of lost hosts, then place what fits; returns jobs dispatched."""
-        self._requeue_lost()
         running = self.store.by_status(Status.RUNNING)
+        if self._requeue_lost(running):
+            running = self.store.by_status(Status.RUNNING)
         busy: dict[str, set[int]] = {}
         for job in running:
             if job.node is not None:
@@ -134,9 +135,11 @@ class Dispatcher:
             self.store.requeue(job.id, job.attempt, str(exc), self.settings.max_retries,
                                count=False)
 
-    def _requeue_lost(self) -> None:
+    def _requeue_lost(self, running: list[store.Job]) -> bool:
+        """Requeue the running jobs of hosts gone too long (or gone from the inventory)."""
         now = self.clock()
-        for job in self.store.by_status(Status.RUNNING):
+        requeued = False
+        for job in running:
             link = self.links.get(job.node or "")
             if link is None:
                 why = f"host {job.node} is no longer in the inventory"
@@ -148,6 +151,8 @@ class Dispatcher:
             else:
                 continue
             self._requeue(job, why)
+            requeued = True
+        return requeued
 
     def _requeue(self, job: store.Job, why: str) -> None:
         try:
