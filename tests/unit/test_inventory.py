@@ -35,7 +35,8 @@ def test_repo_inventory_loads() -> None:
 
 
 def test_defaults(tmp_path: pathlib.Path) -> None:
-    inv = inventory.load(write(tmp_path, f"hosts:\n  - {{name: h1, address: x, host_key: {KEY}}}\n"))
+    path = write(tmp_path, f"hosts:\n  - {{name: h1, address: x, host_key: {KEY}}}\n")
+    inv = inventory.load(path)
     host = inv.hosts[0]
     assert (host.port, host.user, host.gpus, host.labels, host.drain) == (
         8022, "gpujobq", (), {}, False
@@ -134,5 +135,5 @@ def test_host_key_text_reads_relative_file(tmp_path: pathlib.Path) -> None:
 def test_host_key_text_missing_file(tmp_path: pathlib.Path) -> None:
     path = write(tmp_path, "hosts:\n  - {name: h1, address: a, host_key_file: gone.pub}\n")
     host = inventory.load(path).hosts[0]
-    with pytest.raises(InventoryError, match="gone.pub"):
+    with pytest.raises(InventoryError, match=r"gone\.pub"):
         inventory.host_key_text(path, host)

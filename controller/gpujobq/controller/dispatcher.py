@@ -156,11 +156,14 @@ class Dispatcher:
 
     def _requeue(self, job: store.Job, why: str) -> None:
         try:
-            job = self.store.requeue(job.id, job.attempt, why, self.settings.max_retries)
+            if job.cancel_requested:  # the user wanted it stopped: never run it again
+                job = self.store.force_cancel(job.id, job.attempt, f"cancelled; {why}")
+            else:
+                job = self.store.requeue(job.id, job.attempt, why, self.settings.max_retries)
         except errors.TransitionError:
             return
         log.warning("job %s: %s; now %s", job.id, why, job.status)
-        if job.status in (Status.FAILED,):
+        if job.status is not Status.PENDING:
             self._finished(job)
 
     # ---- cancel ----------------------------------------------------------------------

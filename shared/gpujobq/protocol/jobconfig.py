@@ -16,7 +16,7 @@ from gpujobq.protocol import yamlsafe
 
 # Letters, digits, '.', '_' and '-'; starts with a letter or digit. IDs become parts of
 # file names (results/{user}_{competition}_{ts}.jsonl), so nothing else may pass.
-ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z"  # \Z: "$" would allow a final newline
 Ident = Annotated[str, msgspec.Meta(pattern=ID_PATTERN)]
 MAX_EXPECTED_TIME = 30 * 24 * 3600.0
 

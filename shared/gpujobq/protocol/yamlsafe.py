@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import yaml
@@ -36,6 +37,14 @@ class _StrictLoader(yaml.SafeLoader):
                 )
             seen.add(key) if isinstance(key, str | int | float | bool) else None
         return super().construct_mapping(node, deep=deep)
+
+
+# YAML 1.1 reads a float only with a dot ("1e3" stays a string); JSON and YAML 1.2 do not.
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
 
 
 def load(text: bytes | str, *, max_bytes: int = 64 << 10) -> Any:

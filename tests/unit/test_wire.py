@@ -1,0 +1,142 @@
+from __future__ import annotations
+
+import asyncio
+import struct
+
+import msgspec
+import pytest
+from gpujobq.protocol import messages, wire
+from gpujobq.protocol.messages import GPU, HeldJob, ProtocolError
+
+DOWN = [
+    messages.RunJob(
+        job_id="j1", attempt=2, code=b"print(1)\x00\xff", config=b"a: 1\n",
+        gpus=(GPU(index=0, uuid="GPU-x"), GPU(index=3, virtual=True)),
+        competition_id="c", time_limit=12.5, grace=3.0, output_cap=1234,
+    ),
+    messages.Cancel(job_id="j1", attempt=2),
+    messages.Ack(job_id="j1", attempt=2),
+]
+UP = [
+    messages.Started(job_id="j1", attempt=1, at=1.5),
+    messages.Exited(
+        job_id="j1", attempt=1, at=2.5, reason="exit_code", exit_code=0,
+        stdout=b"out", stderr=b"err", detail="",
+    ),
+    messages.Exited(job_id="j1", attempt=1, at=2.5, reason="oom", exit_code=None),
+    messages.Heartbeat(at=3.0, jobs=(HeldJob(job_id="j1", attempt=1, finished=True),)),
+    messages.Heartbeat(at=3.0),
+]
+
+
+def reader_of(data: bytes, eof: bool = True) -> asyncio.StreamReader:
+    reader = asyncio.StreamReader()
+    reader.feed_data(data)
+    if eof:
+        reader.feed_eof()
+    return reader
+
+
+@pytest.mark.parametrize("msg", DOWN, ids=lambda m: type(m).__name__)
+async def test_down_round_trip(msg: messages.Down) -> None:
+    reader = reader_of(wire.frame(msg))
+    body = await wire.read_frame(reader)
+    assert body is not None
+    assert wire.decode_down(body) == msg
+    assert await wire.read_frame(reader) is None
+
+
+@pytest.mark.parametrize("msg", UP, ids=lambda m: type(m).__name__)
+async def test_up_round_trip(msg: messages.Up) -> None:
+    body = await wire.read_frame(reader_of(wire.frame(msg)))
+    assert body is not None and wire.decode_up(body) == msg
+
+
+async def test_many_frames_in_one_stream() -> None:
+    reader = reader_of(b"".join(wire.frame(m) for m in UP))
+    got = []
+    while (body := await wire.read_frame(reader)) is not None:
+        got.append(wire.decode_up(body))
+    assert got == UP
+
+
+def test_hello_round_trip() -> None:
+    hello = messages.Hello(
+        host="h1", runtime="process", gpus=(GPU(index=0),),
+        jobs=(HeldJob(job_id="j", attempt=1, finished=False),),
+    )
+    decoded = wire.decode_hello(wire.encode(hello))
+    assert decoded == hello and decoded.version == messages.PROTOCOL_VERSION
+
+
+def test_frame_header_is_big_endian_length() -> None:
+    framed = wire.frame(DOWN[1])
+    assert struct.unpack(">I", framed[:4])[0] == len(framed) - 4
+
+
+async def test_clean_eof_returns_none() -> None:
+    assert await wire.read_frame(reader_of(b"")) is None
+
+
+@pytest.mark.parametrize("cut", [1, 3, 4, 5], ids=lambda c: f"cut-{c}")
+async def test_truncated_frame(cut: int) -> None:
+    framed = wire.frame(DOWN[0])
+    with pytest.raises(ProtocolError):
+        await wire.read_frame(reader_of(framed[:cut]))
+
+
+async def test_truncated_last_frame_after_good_one() -> None:
+    framed = wire.frame(DOWN[1])
+    reader = reader_of(framed + framed[:-1])
+    assert await wire.read_frame(reader) is not None
+    with pytest.raises(ProtocolError):
+        await wire.read_frame(reader)
+
+
+async def test_oversize_length_header() -> None:
+    # The header alone must be refused: no body is read (the reader never gets EOF).
+    reader = reader_of(struct.pack(">I", wire.MAX_FRAME + 1), eof=False)
+    with pytest.raises(ProtocolError, match="limit"):
+        await asyncio.wait_for(wire.read_frame(reader), 5)
+
+
+def test_unknown_fields_are_tolerated() -> None:
+    up = msgspec.msgpack.encode(
+        {"type": "started", "job_id": "j1", "attempt": 1, "at": 1.0, "new_field": [1, 2]}
+    )
+    assert wire.decode_up(up) == messages.Started(job_id="j1", attempt=1, at=1.0)
+    down = msgspec.msgpack.encode({"type": "ack", "job_id": "j1", "attempt": 4, "extra": {}})
+    assert wire.decode_down(down) == messages.Ack(job_id="j1", attempt=4)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"type": "explode", "job_id": "j1", "attempt": 1},
+        {"job_id": "j1", "attempt": 1},
+        {"type": "ack", "job_id": "j1"},
+        {"type": "ack", "job_id": "j1", "attempt": "1"},
+        [1, 2, 3],
+    ],
+    ids=["unknown-tag", "no-tag", "missing-field", "wrong-type", "not-a-map"],
+)
+def test_invalid_messages(value: object) -> None:
+    body = msgspec.msgpack.encode(value)
+    with pytest.raises(ProtocolError):
+        wire.decode_down(body)
+    with pytest.raises(ProtocolError):
+        wire.decode_up(body)
+
+
+def test_garbage_bytes() -> None:
+    with pytest.raises(ProtocolError):
+        wire.decode_up(b"\xc1\xc1\xc1")
+    with pytest.raises(ProtocolError):
+        wire.decode_hello(b"")
+
+
+def test_directions_do_not_mix() -> None:
+    with pytest.raises(ProtocolError):
+        wire.decode_up(wire.encode(DOWN[1]))
+    with pytest.raises(ProtocolError):
+        wire.decode_down(wire.encode(UP[0]))
