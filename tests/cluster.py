@@ -51,8 +51,10 @@ class User:
 
 
 class Agent:
-    def __init__(self, root: pathlib.Path, name: str, address: str, controller_pub: bytes) -> None:
+    def __init__(self, root: pathlib.Path, name: str, address: str, controller_pub: bytes,
+                 agent_args: list[str]) -> None:
         self.name = name
+        self.agent_args = agent_args
         self.address = address
         self.dir = root / f"agent-{name}"
         self.host_key = self.dir / "ssh_host_ed25519_key"
@@ -69,7 +71,7 @@ class Agent:
              "--host-key", str(self.host_key),
              "--authorized-keys", str(self.dir / "authorized_keys"),
              "--spool", str(self.dir / "spool"), "--python", sys.executable,
-             "--heartbeat", "1"],
+             "--heartbeat", "1", *self.agent_args],
             stdout=log, stderr=subprocess.STDOUT, env=env(),
         )
 
@@ -78,7 +80,9 @@ class Agent:
 
 
 class Cluster:
-    def __init__(self, root: pathlib.Path, agents: int = 1, gpus: int = 2, **settings: Any) -> None:
+    def __init__(self, root: pathlib.Path, agents: int = 1, gpus: int = 2,
+                 agent_args: tuple[str, ...] = ("--runtime", "process"), gpu_specs: str = "",
+                 inventory_extra: str = "", **settings: Any) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self.db_path = root / "gpujobq.db"
@@ -86,16 +90,17 @@ class Cluster:
         self.client_key = root / "controller" / "id_ed25519"
         sshkeys.ensure_private_key(self.client_key, comment="test controller")
         pub = pathlib.Path(f"{self.client_key}.pub").read_bytes()
-        self.agents = [Agent(root, f"node{i}", f"127.0.0.{i + 2}", pub) for i in range(agents)]
+        self.agents = [Agent(root, f"node{i}", f"127.0.0.{i + 2}", pub, list(agent_args))
+                       for i in range(agents)]
         self.inventory = root / "inventory.yaml"
-        self.inventory.write_text(self._inventory(gpus))
+        self.inventory.write_text(self._inventory(gpus, gpu_specs) + inventory_extra)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.settings = {"grace": 1, **settings}
         self.proc: subprocess.Popen[bytes] | None = None
         self._db = database.open_database(self.db_path)
 
-    def _inventory(self, gpus: int) -> str:
+    def _inventory(self, gpus: int, gpu_specs: str) -> str:
         lines = ["hosts:"]
         for a in self.agents:
             lines += [
@@ -104,7 +109,8 @@ class Cluster:
                 f"    port: {a.port}",
                 f"    host_key_file: {a.host_key}.pub",
                 "    gpus:",
-                *(f"      - {{index: {i}, virtual: true}}" for i in range(gpus)),
+                *([gpu_specs] if gpu_specs else
+                  (f"      - {{index: {i}, virtual: true}}" for i in range(gpus))),
             ]
         return "\n".join(lines) + "\n"
 

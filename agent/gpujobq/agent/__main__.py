@@ -12,7 +12,8 @@ import signal
 import socket
 import sys
 
-from gpujobq.agent import core, gpus, process, server, spool
+from gpujobq.agent import containers, core, gpus, process, runtime, server, spool
+from gpujobq.protocol import inventory
 from gpujobq.protocol import sshkeys as keys
 
 DEFAULT_DIR = pathlib.Path("var/agent")
@@ -47,9 +48,24 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--host-key", type=pathlib.Path, default=DEFAULT_DIR / "ssh_host_ed25519_key")
     sv.add_argument("--authorized-keys", type=pathlib.Path, default=DEFAULT_DIR / "authorized_keys")
     sv.add_argument("--spool", type=pathlib.Path, default=DEFAULT_DIR / "spool")
-    sv.add_argument("--runtime", choices=["process"], default="process")
+    sv.add_argument("--runtime", choices=["auto", "docker", "process"], default="auto",
+                    help="docker (isolated containers), process (NOT isolated, trusted hosts "
+                         "only), or auto: docker when a daemon answers (default)")
     sv.add_argument("--python", default=shutil.which("python3") or sys.executable,
                     help="interpreter for the process runtime")
+    sv.add_argument("--image", default=inventory.DEFAULT_IMAGE,
+                    help="container image when the controller names none")
+    sv.add_argument("--gpu-mode", choices=["request", "runtime"], default="request",
+                    help="how containers get GPUs: device requests (default) or the legacy "
+                         "`runtime: nvidia`")
+    limits = containers.Limits()
+    sv.add_argument("--memory", type=int, default=limits.memory, help="bytes per container")
+    sv.add_argument("--cpus", type=float, default=limits.cpus, help="CPUs per container")
+    sv.add_argument("--pids", type=int, default=limits.pids, help="processes per container")
+    sv.add_argument("--tmp-size", type=int, default=limits.tmp_size, help="bytes of /tmp")
+    sv.add_argument("--shm-size", type=int, default=limits.shm_size, help="bytes of /dev/shm")
+    sv.add_argument("--output-size", type=int, default=limits.output_size,
+                    help="bytes the job may write to /output (and per file)")
     sv.add_argument("--heartbeat", type=float, default=5.0, help="seconds between heartbeats")
     sv.set_defaults(func=_serve)
     return p
@@ -73,17 +89,40 @@ def _serve(args: argparse.Namespace) -> int:
               "authorize CONTROLLER_KEY.pub` first", file=sys.stderr)
         return 2
     keys.ensure_private_key(args.host_key, comment="gpujobq-agent host key")
-    logging.getLogger(__name__).warning(
-        "runtime 'process': jobs run as this user, NOT isolated; for trusted hosts only"
-    )
-    asyncio.run(_run(args))
+    chosen = _runtime(args)
+    if chosen is None:
+        print("gpujobq-agent: --runtime docker, but no Docker daemon answers", file=sys.stderr)
+        return 2
+    asyncio.run(_run(args, chosen))
     return 0
 
 
-async def _run(args: argparse.Namespace) -> None:
+def _runtime(args: argparse.Namespace) -> runtime.Runtime | None:
+    log = logging.getLogger(__name__)
+    client = containers.available() if args.runtime in ("auto", "docker") else None
+    if client is not None:
+        log.info("runtime 'docker': jobs run in hardened containers (default image %s)",
+                 args.image)
+        limits = containers.Limits(
+            memory=args.memory, cpus=args.cpus, pids=args.pids, tmp_size=args.tmp_size,
+            shm_size=args.shm_size, output_size=args.output_size,
+        )
+        return containers.DockerRuntime(client, default_image=args.image, limits=limits,
+                                        gpu_mode=args.gpu_mode)
+    if args.runtime == "docker":
+        return None
+    log.warning("runtime 'process': jobs run as this user, NOT isolated; for trusted hosts only")
+    return process.ProcessRuntime(args.python)
+
+
+async def _run(args: argparse.Namespace, chosen: runtime.Runtime) -> None:
+    if isinstance(chosen, containers.DockerRuntime):
+        stale = await chosen.remove_stale()
+        if stale:
+            logging.getLogger(__name__).warning("removed %d container(s) of earlier runs", stale)
     agent = core.Agent(
         host=args.name,
-        runtime=process.ProcessRuntime(args.python),
+        runtime=chosen,
         spool=spool.Spool(args.spool),
         gpus=gpus.detect(),
     )

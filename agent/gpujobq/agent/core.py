@@ -127,6 +127,7 @@ class Agent:
             stdout=outcome.stdout,
             stderr=outcome.stderr,
             detail=outcome.detail,
+            files=outcome.files,
         )
         try:
             self.spool.store_result(exited)
@@ -134,6 +135,10 @@ class Agent:
             log.exception("could not store the result of job %s", run.job_id)
         held.result = exited
         self._report(exited)
+        try:
+            await self.runtime.release(run.job_id, run.attempt)
+        except Exception:
+            log.exception("could not release what job %s held", run.job_id)
 
     async def _outcome(self, run: messages.RunJob, held: _Held) -> runtime_mod.Outcome:
         try:

@@ -94,6 +94,9 @@ class ProcessRuntime:
             await asyncio.wait_for(asyncio.shield(exited), job.grace)
         return reason
 
+    async def release(self, job_id: str, attempt: int) -> None:
+        return None  # the process and its group are gone once run() returns
+
     def _environment(self, job: messages.RunJob, workdir: pathlib.Path) -> dict[str, str]:
         # A fresh environment: nothing of the agent's (keys, tokens) reaches the job.
         return {

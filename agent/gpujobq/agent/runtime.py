@@ -17,6 +17,7 @@ class Outcome(msgspec.Struct, frozen=True, kw_only=True):
     stdout: bytes = b""
     stderr: bytes = b""
     detail: str = ""
+    files: tuple[messages.OutputFile, ...] = ()
 
 
 class Runtime(Protocol):
@@ -34,6 +35,10 @@ class Runtime(Protocol):
 
         Calls ``started`` once the job's program is running.
         """
+        ...
+
+    async def release(self, job_id: str, attempt: int) -> None:
+        """Free what the job held on the host, once its result is stored."""
         ...
 
 

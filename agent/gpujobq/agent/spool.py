@@ -1,6 +1,7 @@
 """One folder per job attempt; the result stays there until the controller acks it.
 
     SPOOL/<job_id>-a<attempt>/job/solution.py, job/config.yaml   what the job runs
+    SPOOL/<job_id>-a<attempt>/output/                            what the job may write
     SPOOL/<job_id>-a<attempt>/result.msgpack                     the Exited, once written
 
 An agent that restarts re-reads its spool: results not yet acked are sent again.
@@ -44,9 +45,16 @@ class Spool:
         if base.exists():
             shutil.rmtree(base)
         work = base / "job"
-        work.mkdir(parents=True, mode=0o700)
-        (work / "solution.py").write_bytes(run.code)
-        (work / "config.yaml").write_bytes(run.config)
+        work.mkdir(parents=True)
+        for name, data in (("solution.py", run.code), ("config.yaml", run.config)):
+            (work / name).write_bytes(data)
+            (work / name).chmod(0o644)
+        # A container's unprivileged user reads the job folder (mounted read-only) and
+        # writes the output folder; bind mounts skip the private spool folders above.
+        work.chmod(0o755)
+        output = base / "output"
+        output.mkdir()
+        output.chmod(0o777)
         return work
 
     def store_result(self, exited: messages.Exited) -> None:

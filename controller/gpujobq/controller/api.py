@@ -35,6 +35,7 @@ class StatusReply(msgspec.Struct):
     started_at: str | None
     completed_at: str | None
     reason: str | None
+    detail: str | None
     node: str | None
     attempt: int
     queue_position: int | None
@@ -131,7 +132,8 @@ async def status(
         job_id=job.id, status=job.status.value,
         node_id=node_ids.get(job.node) if job.node else None,
         created_at=results.iso(job.created_at), started_at=results.iso(job.started_at),
-        completed_at=results.iso(job.completed_at), reason=job.reason, node=job.node,
+        completed_at=results.iso(job.completed_at), reason=job.reason, detail=job.detail,
+        node=job.node,
         attempt=job.attempt, queue_position=svc.store.queue_position(job),
         time_limit=job.time_limit,
     )
@@ -189,7 +191,11 @@ async def health(request: Request[Any, Any, Any]) -> dict[str, Any]:
     return {
         "status": "ok",
         "agents": {
-            name: {"connected": link.connected, "error": link.last_error}
+            name: {
+                "connected": link.connected,
+                "runtime": link.hello.runtime if link.hello else None,
+                "error": link.last_error,
+            }
             for name, link in links.items()
         },
     }

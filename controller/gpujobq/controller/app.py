@@ -39,6 +39,7 @@ def create_app(settings: Settings) -> Litestar:
                 for h in inv.hosts
             },
             clock=clock,
+            inventory=inv,
         )
         for host in inv.hosts:
             disp.links[host.name] = agents.Link(

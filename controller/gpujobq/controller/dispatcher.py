@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 
 from gpujobq.controller import agents, errors, results, scheduler, store
 from gpujobq.controller.settings import Settings
+from gpujobq.protocol import inventory as inventory_mod
 from gpujobq.protocol import messages
 from gpujobq.protocol.states import Reason, Status, final_status
 
@@ -63,9 +64,11 @@ class Dispatcher:
         settings: Settings,
         hosts: Mapping[str, HostState],
         clock: Callable[[], float],
+        inventory: inventory_mod.Inventory | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
+        self.inventory = inventory or inventory_mod.Inventory()
         self.hosts = dict(hosts)
         self.links: dict[str, agents.Link] = {}
         self.clock = clock
@@ -124,6 +127,8 @@ class Dispatcher:
             config=config,
             gpus=assignment.gpus,
             competition_id=job.competition_id,
+            image=self.inventory.image_for(job.competition_id),
+            network=self.inventory.network_for(job.competition_id),
             time_limit=job.time_limit,
             grace=self.settings.grace,
             output_cap=self.settings.output_cap,
@@ -242,6 +247,7 @@ class Dispatcher:
                 status=final_status(reason, msg.exit_code),
                 reason=reason.value, exit_code=msg.exit_code,
                 stdout=msg.stdout, stderr=msg.stderr, detail=msg.detail or None, at=msg.at,
+                files=[(f.name, f.data) for f in msg.files],
             )
             self._finished(job)
         # Stored now (or stale, or stored before): the agent may drop its copy.

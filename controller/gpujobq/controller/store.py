@@ -223,13 +223,25 @@ class Store:
         stderr: bytes,
         detail: str | None,
         at: float,
+        files: Iterable[tuple[str, bytes]] = (),
     ) -> Job:
+        """running -> a terminal state, with the result (and the job's output files)."""
         assert status in TERMINAL
+        rows = [[job_id, attempt, name, data] for name, data in files]
         return self._move(
             job_id, {Status.RUNNING}, status, attempt=attempt, reason=reason, detail=detail,
             sets={"exit_code": exit_code, "stdout": stdout, "stderr": stderr,
                   "completed_at": at, "reason": reason, "detail": detail},
+            also=("INSERT INTO job_files (job_id, attempt, name, data) VALUES (?, ?, ?, ?)", rows),
         )
+
+    def files(self, job_id: str) -> list[tuple[str, bytes]]:
+        return [
+            (r[0], r[1])
+            for r in self.db.execute(
+                "SELECT name, data FROM job_files WHERE job_id = ? ORDER BY name", [job_id]
+            )
+        ]
 
     def cancel_pending(self, job_id: str) -> Job:
         return self._end_without_agent(job_id, Status.PENDING, "cancelled by the user")
@@ -286,6 +298,7 @@ class Store:
         detail: str | None = None,
         sets: dict[str, Any] | None = None,
         raw_sets: str | None = None,
+        also: tuple[str, list[list[Any]]] | None = None,
     ) -> Job:
         sets = dict(sets or {})
         assignments = ["status = ?", *(f"{col} = ?" for col in sets)]
@@ -313,6 +326,8 @@ class Store:
                     + (f" (report for attempt {attempt})" if attempt is not None else "")
                 )
             self._event(job_id, row[0], before[0], to, now, reason, detail)
+            if also is not None and also[1]:
+                self.db.conn.executemany(*also)
         job = self.get(job_id)
         assert job is not None
         return job

@@ -42,8 +42,32 @@ class Host(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     drain: bool = False
 
 
+DEFAULT_IMAGE = "gpujobq-job:bookworm"
+
+
+class Competition(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Per-competition settings; unset fields fall back to the defaults."""
+
+    image: str | None = None
+    network: bool = False  # a container normally gets no network at all
+
+
+class Defaults(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    image: str = DEFAULT_IMAGE
+
+
 class Inventory(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     hosts: tuple[Host, ...] = ()
+    defaults: Defaults = Defaults()
+    competitions: dict[jobconfig.Ident, Competition] = {}
+
+    def image_for(self, competition_id: str) -> str:
+        comp = self.competitions.get(competition_id)
+        return (comp.image if comp and comp.image else None) or self.defaults.image
+
+    def network_for(self, competition_id: str) -> bool:
+        comp = self.competitions.get(competition_id)
+        return bool(comp and comp.network)
 
 
 def load(path: pathlib.Path) -> Inventory:

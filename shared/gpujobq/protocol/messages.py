@@ -36,6 +36,8 @@ class RunJob(Msg, tag="run", frozen=True, kw_only=True):
     config: bytes  # config.yaml as the job sees it (token removed)
     gpus: tuple[GPU, ...] = ()
     competition_id: str = ""
+    image: str = ""  # container image; "" means the agent's default
+    network: bool = False  # containers get no network unless the competition allows it
     time_limit: float  # seconds of wall time before the job is stopped
     grace: float = 10.0  # seconds between SIGTERM and SIGKILL
     output_cap: int = 1 << 20  # bytes kept per stream
@@ -65,6 +67,13 @@ class Started(Msg, tag="started", frozen=True, kw_only=True):
     at: float
 
 
+class OutputFile(msgspec.Struct, frozen=True, kw_only=True):
+    """A regular file the job left in its output folder (path relative to it)."""
+
+    name: str
+    data: bytes
+
+
 class Exited(Msg, tag="exited", frozen=True, kw_only=True):
     job_id: str
     attempt: int
@@ -74,6 +83,7 @@ class Exited(Msg, tag="exited", frozen=True, kw_only=True):
     stdout: bytes = b""
     stderr: bytes = b""
     detail: str = ""  # for infra errors: what went wrong, in words
+    files: tuple[OutputFile, ...] = ()
 
 
 class HeldJob(msgspec.Struct, frozen=True, kw_only=True):

@@ -1,0 +1,307 @@
+"""The docker runtime: every job in a hardened container, its GPUs pinned.
+
+The docker SDK is synchronous, so every call runs on the runtime's own thread pool.
+The container spec is a pure function (``spec``) so that what a job gets can be read
+and tested in one place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import functools
+import logging
+import os
+import pathlib
+from collections.abc import Callable, Iterable
+from typing import Any, Literal, TypeVar
+
+import docker
+import docker.errors
+import msgspec
+from docker.types import DeviceRequest, LogConfig, Mount, Ulimit
+from gpujobq.agent import capture, outputs, runtime
+from gpujobq.protocol import messages
+from gpujobq.protocol.states import Reason
+
+log = logging.getLogger(__name__)
+
+LABEL_JOB = "gpujobq.job"
+LABEL_ATTEMPT = "gpujobq.attempt"
+OUTPUT_POLL = 0.5  # seconds between checks of the output folder's size
+FLOOD_FACTOR = 64  # a job printing more than this x output_cap is stopped (output_limit)
+T = TypeVar("T")
+
+GpuMode = Literal["request", "runtime"]
+
+
+class Limits(msgspec.Struct, frozen=True, kw_only=True):
+    """What one container may use. Defaults suit a GPU training job on a shared host."""
+
+    memory: int = 16 << 30  # bytes of RAM; swap adds nothing
+    cpus: float = 8.0
+    pids: int = 1024
+    tmp_size: int = 1 << 30  # tmpfs on /tmp
+    shm_size: int = 2 << 30  # /dev/shm (PyTorch data loaders use it)
+    output_size: int = 256 << 20  # the writable /output folder, and any one file
+    nofile: int = 4096
+    log_size: str = "10m"  # docker's own json-file log; the agent reads the stream itself
+    user: str = "65534:65534"  # nobody: never root in the container
+
+
+def container_name(job_id: str, attempt: int) -> str:
+    return f"gpujobq-{job_id}-a{attempt}"
+
+
+def spec(
+    job: messages.RunJob,
+    *,
+    image: str,
+    job_dir: pathlib.Path,
+    output_dir: pathlib.Path,
+    limits: Limits,
+    gpu_mode: GpuMode = "request",
+) -> dict[str, Any]:
+    """Keyword arguments for ``containers.create`` for this job."""
+    real = [g for g in job.gpus if not g.virtual]
+    device_ids = [g.uuid or str(g.index) for g in real]
+    environment = {
+        "HOME": "/tmp",
+        "LANG": "C.UTF-8",
+        "PYTHONUNBUFFERED": "1",
+        "GPUJOBQ_JOB_ID": job.job_id,
+        "GPUJOBQ_ATTEMPT": str(job.attempt),
+        "GPUJOBQ_OUTPUT": "/output",
+        # Set here, so an image's own NVIDIA_VISIBLE_DEVICES=all can never widen it.
+        "NVIDIA_VISIBLE_DEVICES": ",".join(device_ids) if real else "void",
+        "NVIDIA_DRIVER_CAPABILITIES": "compute,utility",
+        # Inside the container the granted GPUs are numbered from 0; virtual GPUs
+        # (scheduling slots) keep their slot numbers.
+        "CUDA_VISIBLE_DEVICES": ",".join(
+            str(i) for i in range(len(real))) if real else ",".join(
+            str(g.index) for g in job.gpus),
+    }
+    kwargs: dict[str, Any] = {
+        "image": image,
+        "command": ["python3", "/job/solution.py"],
+        "name": container_name(job.job_id, job.attempt),
+        "labels": {LABEL_JOB: job.job_id, LABEL_ATTEMPT: str(job.attempt)},
+        "working_dir": "/job",
+        "user": limits.user,
+        "environment": environment,
+        "network_mode": "bridge" if job.network else "none",
+        "read_only": True,
+        "tmpfs": {"/tmp": f"rw,nosuid,nodev,size={limits.tmp_size}"},
+        "mounts": [
+            Mount(target="/job", source=str(job_dir), type="bind", read_only=True),
+            Mount(target="/output", source=str(output_dir), type="bind", read_only=False),
+        ],
+        "cap_drop": ["ALL"],
+        "security_opt": ["no-new-privileges:true"],
+        "privileged": False,
+        "init": True,
+        "ipc_mode": "private",
+        "pids_limit": limits.pids,
+        "mem_limit": limits.memory,
+        "memswap_limit": limits.memory,
+        "nano_cpus": int(limits.cpus * 1e9),
+        "shm_size": limits.shm_size,
+        "ulimits": [
+            Ulimit(name="nofile", soft=limits.nofile, hard=limits.nofile),
+            Ulimit(name="core", soft=0, hard=0),
+            Ulimit(name="fsize", soft=limits.output_size, hard=limits.output_size),
+        ],
+        "log_config": LogConfig(
+            type="json-file", config={"max-size": limits.log_size, "max-file": "1"}
+        ),
+        "stdin_open": False,
+        "tty": False,
+    }
+    if real and gpu_mode == "request":
+        kwargs["device_requests"] = [DeviceRequest(device_ids=device_ids, capabilities=[["gpu"]])]
+    elif real:
+        kwargs["runtime"] = "nvidia"  # legacy nvidia-docker hosts
+    return kwargs
+
+
+class DockerRuntime:
+    name = "docker"
+    isolated = True
+
+    def __init__(
+        self,
+        client: docker.DockerClient,
+        *,
+        default_image: str,
+        limits: Limits | None = None,
+        gpu_mode: GpuMode = "request",
+        threads: int = 32,
+    ) -> None:
+        self.client = client
+        self.default_image = default_image
+        limits = limits or Limits()
+        # Docker refuses a CPU limit above the host's CPU count.
+        self.limits = msgspec.structs.replace(limits, cpus=min(limits.cpus, os.cpu_count() or 1))
+        self.gpu_mode = gpu_mode
+        self.pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="docker")
+
+    async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.pool, functools.partial(fn, *args, **kwargs))
+
+    async def run(
+        self,
+        job: messages.RunJob,
+        workdir: pathlib.Path,
+        cancel: asyncio.Event,
+        started: Callable[[], None],
+    ) -> runtime.Outcome:
+        image = job.image or self.default_image
+        output_dir = workdir.parent / "output"
+        kwargs = spec(job, image=image, job_dir=workdir, output_dir=output_dir,
+                      limits=self.limits, gpu_mode=self.gpu_mode)
+        try:
+            container = await self._call(self._create, kwargs)
+        except docker.errors.ImageNotFound:
+            return _infra(f"image {image!r} is not present on this host")
+        except docker.errors.APIError as exc:
+            return _infra(f"docker create failed: {_explain(exc)}")
+        out, err = capture.CappedBuffer(job.output_cap), capture.CappedBuffer(job.output_cap)
+        try:
+            stream = await self._call(container.attach, stdout=True, stderr=True, stream=True,
+                                      logs=True, demux=True)
+            await self._call(container.start)
+        except docker.errors.APIError as exc:
+            return _infra(f"docker start failed: {_explain(exc)}")
+        started()
+        flood = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        pump = asyncio.ensure_future(self._call(
+            _pump, stream, out, err, job.output_cap * FLOOD_FACTOR,
+            lambda: loop.call_soon_threadsafe(flood.set),
+        ))
+        try:
+            reason = await self._supervise(container, job, cancel, flood, output_dir)
+            status = await self._call(container.wait)
+        except BaseException:
+            # The agent itself is stopping: the job must not outlive it.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._call(container.kill))
+            raise
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(pump), 10)
+        state = (await self._call(self._state, container)) or {}
+        if reason is Reason.EXIT_CODE and state.get("OOMKilled"):
+            reason = Reason.OOM
+        files, skipped = await self._call(outputs.collect, output_dir, self.limits.output_size)
+        return runtime.Outcome(
+            reason=reason,
+            exit_code=int(status.get("StatusCode", -1)),
+            stdout=out.value(),
+            stderr=err.value(),
+            detail=f"skipped in output: {', '.join(skipped[:20])}" if skipped else "",
+            files=files,
+        )
+
+    async def _supervise(
+        self,
+        container: Any,
+        job: messages.RunJob,
+        cancel: asyncio.Event,
+        flood: asyncio.Event,
+        output_dir: pathlib.Path,
+    ) -> Reason:
+        exited = asyncio.ensure_future(self._call(container.wait))
+        watchers = {
+            asyncio.ensure_future(cancel.wait()): Reason.CANCELLED_BY_USER,
+            asyncio.ensure_future(flood.wait()): Reason.OUTPUT_LIMIT,
+            asyncio.ensure_future(self._watch_output(output_dir)): Reason.OUTPUT_LIMIT,
+        }
+        try:
+            done, _ = await asyncio.wait(
+                {exited, *watchers}, timeout=job.time_limit, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            for task in watchers:
+                task.cancel()
+        if exited in done:
+            return Reason.EXIT_CODE
+        reason = next((watchers[t] for t in done if t in watchers), Reason.TIMEOUT)
+        if reason is Reason.OUTPUT_LIMIT:
+            await self._call(container.kill)
+        else:  # SIGTERM to the job (through docker-init), the grace period, then SIGKILL
+            await self._call(container.stop, timeout=max(1, round(job.grace)))
+        return reason
+
+    async def _watch_output(self, output_dir: pathlib.Path) -> None:
+        """Returns once the output folder is over its cap (bind mounts have no size limit)."""
+        while await self._call(outputs.size, output_dir) <= self.limits.output_size:  # noqa: ASYNC110
+            await asyncio.sleep(OUTPUT_POLL)  # a folder on disk: nothing to wait on but time
+
+    def _create(self, kwargs: dict[str, Any]) -> Any:
+        try:
+            return self.client.containers.create(**kwargs)
+        except docker.errors.APIError as exc:
+            if exc.status_code != 409:
+                raise
+            # This (job, attempt) has a container already: never start a second one.
+            return self.client.containers.get(kwargs["name"])
+
+    @staticmethod
+    def _state(container: Any) -> dict[str, Any] | None:
+        try:
+            container.reload()
+        except docker.errors.NotFound:
+            return None
+        state: dict[str, Any] = container.attrs.get("State", {})
+        return state
+
+    async def release(self, job_id: str, attempt: int) -> None:
+        """Remove the job's container once its result is stored."""
+        await self._call(self._remove, [container_name(job_id, attempt)])
+
+    async def remove_stale(self) -> int:
+        """Remove every gpujobq container: after an agent restart, none is ours any more."""
+        found = await self._call(
+            self.client.containers.list, all=True, filters={"label": LABEL_JOB}
+        )
+        await self._call(self._remove, [c.name for c in found])
+        return len(found)
+
+    def _remove(self, names: Iterable[str]) -> None:
+        for name in names:
+            with contextlib.suppress(docker.errors.NotFound):
+                self.client.containers.get(name).remove(force=True)
+
+
+def _pump(stream: Iterable[tuple[bytes | None, bytes | None]], out: capture.CappedBuffer,
+          err: capture.CappedBuffer, flood_limit: int, on_flood: Callable[[], None]) -> None:
+    flooded = False
+    for chunk_out, chunk_err in stream:
+        if chunk_out:
+            out.feed(chunk_out)
+        if chunk_err:
+            err.feed(chunk_err)
+        if not flooded and out.total + err.total > flood_limit:
+            flooded = True
+            on_flood()
+
+
+def _infra(detail: str) -> runtime.Outcome:
+    return runtime.Outcome(reason=Reason.INFRA_ERROR, exit_code=None, detail=detail)
+
+
+def _explain(exc: docker.errors.APIError) -> str:
+    return str(exc.explanation or exc)
+
+
+def available(client_factory: Callable[[], docker.DockerClient] = docker.from_env
+              ) -> docker.DockerClient | None:
+    """A client for the local daemon, or None when no daemon answers."""
+    try:
+        client = client_factory()
+        client.ping()
+        return client
+    except Exception:
+        return None
