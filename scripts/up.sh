@@ -26,8 +26,19 @@ stop() {
 trap stop EXIT
 trap 'stop; exit 0' INT TERM
 
+# Jobs run in hardened containers when a Docker daemon answers (the local job image is
+# built once when missing); otherwise as plain processes, which are NOT isolated.
+RUNTIME=process
+if "$BIN/python" -c 'import docker; docker.from_env().ping()' 2>/dev/null; then
+    if scripts/build-job-image.sh; then
+        RUNTIME=docker
+    else
+        echo "could not build the job image; falling back to the process runtime" >&2
+    fi
+fi
+
 "$BIN/gpujobq-agent" serve --name local --listen 127.0.0.1 --port "$AGENT_PORT" \
-    >>var/log/agent.log 2>&1 &
+    --runtime "$RUNTIME" >>var/log/agent.log 2>&1 &
 pids+=($!)
 TOKEN=$("$BIN/gpujobq-controller" user add demo 2>/dev/null)
 "$BIN/gpujobq-controller" serve >>var/log/controller.log 2>&1 &
@@ -59,8 +70,13 @@ expected_time: 60
 token: "$TOKEN"
 YAML
 
+if [ "$RUNTIME" = docker ]; then
+    RUNTIME_NOTE="runtime: docker, each job in a hardened container"
+else
+    RUNTIME_NOTE="runtime: process, NOT isolated; no Docker daemon answered"
+fi
 cat <<MSG
-gpujobq is up at $URL with one local agent (runtime: process, NOT isolated).
+gpujobq is up at $URL with one local agent ($RUNTIME_NOTE).
 Demo user: demo   token: $TOKEN   (logs in var/log/, data in var/)
 
 Submit a job:

@@ -70,7 +70,8 @@ def test_make_up_script(tmp_path: pathlib.Path) -> None:
         pytest.skip("console scripts are not installed beside this interpreter")
     project = tmp_path / "project"
     (project / "scripts").mkdir(parents=True)
-    shutil.copy(cluster_mod.ROOT / "scripts" / "up.sh", project / "scripts" / "up.sh")
+    for script in ("up.sh", "build-job-image.sh"):
+        shutil.copy(cluster_mod.ROOT / "scripts" / script, project / "scripts" / script)
     port, agent_port = cluster_mod.free_port(), cluster_mod.free_port()
     inventory = (cluster_mod.ROOT / "inventory.yaml").read_text()
     (project / "inventory.yaml").write_text(inventory.replace("port: 8022", f"port: {agent_port}"))

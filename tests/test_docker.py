@@ -3,6 +3,7 @@ clear status and reason, the host is unaffected, and the next job runs normally.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import pathlib
 import time
@@ -10,10 +11,12 @@ from collections.abc import Iterator
 
 import docker
 import pytest
+from gpujobq.agent import containers, spool
+from gpujobq.protocol import messages
 
 from tests import cluster as cluster_mod
 from tests.cluster import Cluster, User
-from tests.docker_support import require_docker
+from tests.docker_support import IMAGE, require_docker
 
 MiB = 1 << 20
 AGENT = ("--runtime", "docker", "--memory", str(256 * MiB), "--pids", "64", "--cpus", "1",
@@ -107,7 +110,7 @@ def test_no_network(dc: Cluster, user: User) -> None:
 
 
 def test_fork_bomb(dc: Cluster, user: User) -> None:
-    code = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
+    code = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass"
     body = dc.submit(user, code, expected_time=2).json()
     assert body["status"] == "failed"
     assert reason(dc, user, body["job_id"]) == "timeout"
@@ -287,3 +290,27 @@ def test_a_real_gpu_on_a_daemon_without_nvidia(tmp_path: pathlib.Path) -> None:
         assert "docker start failed" in status["detail"]
         assert "device driver" in status["detail"]
         assert leftover_containers() == []
+
+
+async def test_a_repeated_run_of_one_attempt_never_starts_a_second_container(
+    tmp_path: pathlib.Path,
+) -> None:
+    require_docker()
+    rt = containers.DockerRuntime(docker.from_env(), host="idem-test", default_image=IMAGE,
+                                  limits=containers.Limits(memory=256 * MiB, cpus=1))
+    run = messages.RunJob(
+        job_id="idem", attempt=1, time_limit=30, grace=1, config=b"a: 1\n",
+        code=b"import time\nopen('/output/runs', 'a').write('x')\ntime.sleep(1)\nprint('done')",
+    )
+    workdir = spool.Spool(tmp_path / "spool").prepare(run)
+    try:
+        first, second = await asyncio.gather(
+            rt.run(run, workdir, asyncio.Event(), lambda: None),
+            rt.run(run, workdir, asyncio.Event(), lambda: None),
+        )
+    finally:
+        await rt.release("idem", 1)
+    assert first.reason == second.reason == "exit_code"
+    assert first.stdout == second.stdout == b"done\n"
+    assert [(f.name, f.data) for f in first.files] == [("runs", b"x")]
+    assert leftover_containers() == []

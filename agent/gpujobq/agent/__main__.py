@@ -107,8 +107,8 @@ def _runtime(args: argparse.Namespace) -> runtime.Runtime | None:
             memory=args.memory, cpus=args.cpus, pids=args.pids, tmp_size=args.tmp_size,
             shm_size=args.shm_size, output_size=args.output_size,
         )
-        return containers.DockerRuntime(client, default_image=args.image, limits=limits,
-                                        gpu_mode=args.gpu_mode)
+        return containers.DockerRuntime(client, host=args.name, default_image=args.image,
+                                        limits=limits, gpu_mode=args.gpu_mode)
     if args.runtime == "docker":
         return None
     log.warning("runtime 'process': jobs run as this user, NOT isolated; for trusted hosts only")

@@ -14,6 +14,7 @@ import functools
 import logging
 import os
 import pathlib
+import time
 from collections.abc import Callable, Iterable
 from typing import Any, Literal, TypeVar
 
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 
 LABEL_JOB = "gpujobq.job"
 LABEL_ATTEMPT = "gpujobq.attempt"
+LABEL_HOST = "gpujobq.host"  # the agent that made it: restarts clean up their own only
 OUTPUT_POLL = 0.5  # seconds between checks of the output folder's size
 FLOOD_FACTOR = 64  # a job printing more than this x output_cap is stopped (output_limit)
 T = TypeVar("T")
@@ -62,6 +64,7 @@ def spec(
     output_dir: pathlib.Path,
     limits: Limits,
     gpu_mode: GpuMode = "request",
+    host: str = "",
 ) -> dict[str, Any]:
     """Keyword arguments for ``containers.create`` for this job."""
     real = [g for g in job.gpus if not g.virtual]
@@ -86,7 +89,7 @@ def spec(
         "image": image,
         "command": ["python3", "/job/solution.py"],
         "name": container_name(job.job_id, job.attempt),
-        "labels": {LABEL_JOB: job.job_id, LABEL_ATTEMPT: str(job.attempt)},
+        "labels": {LABEL_JOB: job.job_id, LABEL_ATTEMPT: str(job.attempt), LABEL_HOST: host},
         "working_dir": "/job",
         "user": limits.user,
         "environment": environment,
@@ -133,12 +136,14 @@ class DockerRuntime:
         self,
         client: docker.DockerClient,
         *,
+        host: str,
         default_image: str,
         limits: Limits | None = None,
         gpu_mode: GpuMode = "request",
         threads: int = 32,
     ) -> None:
         self.client = client
+        self.host = host
         self.default_image = default_image
         limits = limits or Limits()
         # Docker refuses a CPU limit above the host's CPU count.
@@ -160,7 +165,7 @@ class DockerRuntime:
         image = job.image or self.default_image
         output_dir = workdir.parent / "output"
         kwargs = spec(job, image=image, job_dir=workdir, output_dir=output_dir,
-                      limits=self.limits, gpu_mode=self.gpu_mode)
+                      limits=self.limits, gpu_mode=self.gpu_mode, host=self.host)
         try:
             container = await self._call(self._create, kwargs)
         except docker.errors.ImageNotFound:
@@ -245,8 +250,13 @@ class DockerRuntime:
         except docker.errors.APIError as exc:
             if exc.status_code != 409:
                 raise
-            # This (job, attempt) has a container already: never start a second one.
-            return self.client.containers.get(kwargs["name"])
+            # This (job, attempt) has a container already: never start a second one. The
+            # daemon reserves the name before the container can be looked up, so wait.
+            for _ in range(50):
+                with contextlib.suppress(docker.errors.NotFound):
+                    return self.client.containers.get(kwargs["name"])
+                time.sleep(0.1)
+            raise
 
     @staticmethod
     def _state(container: Any) -> dict[str, Any] | None:
@@ -262,11 +272,15 @@ class DockerRuntime:
         await self._call(self._remove, [container_name(job_id, attempt)])
 
     async def remove_stale(self) -> int:
-        """Remove every gpujobq container: after an agent restart, none is ours any more."""
+        """Remove this agent's containers: after a restart none of them is wanted any more.
+
+        Their jobs were not reported, so the controller requeues them.
+        """
         found = await self._call(
-            self.client.containers.list, all=True, filters={"label": LABEL_JOB}
+            self.client.containers.list, all=True, sparse=True,
+            filters={"label": [LABEL_JOB, f"{LABEL_HOST}={self.host}"]},
         )
-        await self._call(self._remove, [c.name for c in found])
+        await self._call(self._remove, [c.id for c in found])
         return len(found)
 
     def _remove(self, names: Iterable[str]) -> None:

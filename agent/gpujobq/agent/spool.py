@@ -30,8 +30,8 @@ class SpoolError(ValueError):
 
 class Spool:
     def __init__(self, root: pathlib.Path) -> None:
-        self.root = root
-        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.root = root.absolute()  # bind mounts need absolute paths
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     def folder(self, job_id: str, attempt: int) -> pathlib.Path:
         name = f"{job_id}-a{attempt}"
