@@ -209,6 +209,25 @@ class Cluster:
             time.sleep(0.05)
 
 
+def live_output_while_running(cluster: Cluster, user: User) -> None:
+    """/api/results shows what a running job has printed so far, then the whole result."""
+    code = ("import sys, time\nprint('first', flush=True)\n"
+            "print('warn', file=sys.stderr, flush=True)\ntime.sleep(2)\nprint('last')\n")
+    job_id = cluster.submit(user, code, wait=False).json()["job_id"]
+    deadline = time.monotonic() + 30
+    while True:
+        body = cluster.get(user, "results", job_id).json()
+        if body["stdout"] == "first\n" and body["stderr"] == "warn\n":
+            break
+        assert time.monotonic() < deadline and body["status"] in {"pending", "running"}, body
+        time.sleep(0.05)
+    assert body["status"] == "running"
+    assert body["exit_code"] is None
+    final = cluster.wait_status(user, job_id, {"completed", "failed"})
+    assert final["status"] == "completed"
+    assert cluster.get(user, "results", job_id).json()["stdout"] == "first\nlast\n"
+
+
 def _stop(proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM) -> None:
     if proc is None or proc.poll() is not None:
         return

@@ -9,7 +9,7 @@ import time
 
 import requests
 
-from tests.cluster import Cluster, User
+from tests.cluster import Cluster, User, live_output_while_running
 
 ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d$")
 SLEEP = "import time\nprint('start', flush=True)\ntime.sleep({})\nprint('end')\n"
@@ -67,6 +67,10 @@ def test_results_endpoint(cluster: Cluster, user: User) -> None:
     assert r.status_code == 200
     assert r.json() == {"job_id": job_id, "status": "completed", "stdout": '{"acc": 0.9}\n',
                         "stderr": "", "exit_code": 0}
+
+
+def test_output_is_live_while_the_job_runs(cluster: Cluster, user: User) -> None:
+    live_output_while_running(cluster, user)
 
 
 def test_jobs_lists_newest_first_and_pages_by_cursor(cluster: Cluster, user: User) -> None:

@@ -15,7 +15,7 @@ from gpujobq.agent import containers, spool
 from gpujobq.protocol import messages
 
 from tests import cluster as cluster_mod
-from tests.cluster import Cluster, User
+from tests.cluster import Cluster, User, live_output_while_running
 from tests.docker_support import IMAGE, require_docker
 
 MiB = 1 << 20
@@ -92,6 +92,10 @@ def test_a_plain_job_in_a_container(dc: Cluster, user: User) -> None:
                            [body["job_id"]]).fetchall()
     assert files == [("result.json", b'{"acc": 1}')]
     assert leftover_containers() == []
+
+
+def test_output_is_live_while_the_container_runs(dc: Cluster, user: User) -> None:
+    live_output_while_running(dc, user)
 
 
 def test_no_network(dc: Cluster, user: User) -> None:
@@ -292,6 +296,11 @@ def test_a_real_gpu_on_a_daemon_without_nvidia(tmp_path: pathlib.Path) -> None:
         assert leftover_containers() == []
 
 
+class Quiet:
+    def started(self) -> None: ...
+    def output(self, stream: str, data: bytes) -> None: ...
+
+
 async def test_a_repeated_run_of_one_attempt_never_starts_a_second_container(
     tmp_path: pathlib.Path,
 ) -> None:
@@ -305,8 +314,8 @@ async def test_a_repeated_run_of_one_attempt_never_starts_a_second_container(
     workdir = spool.Spool(tmp_path / "spool").prepare(run)
     try:
         first, second = await asyncio.gather(
-            rt.run(run, workdir, asyncio.Event(), lambda: None),
-            rt.run(run, workdir, asyncio.Event(), lambda: None),
+            rt.run(run, workdir, asyncio.Event(), Quiet()),
+            rt.run(run, workdir, asyncio.Event(), Quiet()),
         )
     finally:
         await rt.release("idem", 1)

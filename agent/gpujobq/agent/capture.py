@@ -8,13 +8,17 @@ a traceback is at the end. What was dropped in between is named by a marker line
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 CHUNK = 64 << 10
 
 
 class CappedBuffer:
-    def __init__(self, cap: int) -> None:
+    """``live`` is called with each piece of the kept head as it arrives."""
+
+    def __init__(self, cap: int, live: Callable[[bytes], None] | None = None) -> None:
         self.cap = cap
+        self.live = live
         self.total = 0
         self._head = bytearray()
         self._tail = bytearray()
@@ -24,6 +28,8 @@ class CappedBuffer:
         room = self.cap - (self.cap // 2) - len(self._head)
         if room > 0:
             self._head += data[:room]
+            if self.live is not None and data[:room]:
+                self.live(data[:room])
             data = data[room:]
         if data:
             keep = self.cap // 2

@@ -160,7 +160,7 @@ class DockerRuntime:
         job: messages.RunJob,
         workdir: pathlib.Path,
         cancel: asyncio.Event,
-        started: Callable[[], None],
+        report: runtime.Reporter,
     ) -> runtime.Outcome:
         image = job.image or self.default_image
         output_dir = workdir.parent / "output"
@@ -172,16 +172,23 @@ class DockerRuntime:
             return _infra(f"image {image!r} is not present on this host")
         except docker.errors.APIError as exc:
             return _infra(f"docker create failed: {_explain(exc)}")
-        out, err = capture.CappedBuffer(job.output_cap), capture.CappedBuffer(job.output_cap)
+        loop = asyncio.get_running_loop()
+        # The stream is read on a pool thread: live pieces hop to the event loop.
+        out, err = (
+            capture.CappedBuffer(
+                job.output_cap,
+                functools.partial(loop.call_soon_threadsafe, report.output, name),
+            )
+            for name in ("stdout", "stderr")
+        )
         try:
             stream = await self._call(container.attach, stdout=True, stderr=True, stream=True,
                                       logs=True, demux=True)
             await self._call(container.start)
         except docker.errors.APIError as exc:
             return _infra(f"docker start failed: {_explain(exc)}")
-        started()
+        report.started()
         flood = asyncio.Event()
-        loop = asyncio.get_running_loop()
         pump = asyncio.ensure_future(self._call(
             _pump, stream, out, err, job.output_cap * FLOOD_FACTOR,
             lambda: loop.call_soon_threadsafe(flood.set),

@@ -23,11 +23,49 @@ Key = tuple[str, int]
 Sender = Callable[[messages.Up], None]
 
 
+LIVE_FLUSH = 0.2  # seconds live output may wait to be batched into one message
+
+
 class _Held:
     def __init__(self) -> None:
         self.cancel = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
         self.result: messages.Exited | None = None
+
+
+class _Reporter:
+    """A running job's reports: Started at once, output batched into Output messages."""
+
+    def __init__(self, agent: Agent, run: messages.RunJob) -> None:
+        self.agent = agent
+        self.run = run
+        self.pending: dict[str, bytearray] = {"stdout": bytearray(), "stderr": bytearray()}
+        self.sent = {"stdout": 0, "stderr": 0}
+        self.timer: asyncio.TimerHandle | None = None
+
+    def started(self) -> None:
+        self.agent._report(messages.Started(
+            job_id=self.run.job_id, attempt=self.run.attempt, at=self.agent.clock()))
+
+    def output(self, stream: str, data: bytes) -> None:
+        self.pending[stream] += data
+        if self.timer is None:
+            self.timer = asyncio.get_running_loop().call_later(LIVE_FLUSH, self.flush)
+
+    def flush(self) -> None:
+        self.timer = None
+        for stream, data in self.pending.items():
+            if data:
+                self.agent._report(messages.Output(
+                    job_id=self.run.job_id, attempt=self.run.attempt, stream=stream,
+                    offset=self.sent[stream], data=bytes(data)))
+                self.sent[stream] += len(data)
+                data.clear()
+
+    def close(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
 
 
 class Agent:
@@ -148,16 +186,16 @@ class Agent:
                 reason=Reason.INFRA_ERROR, exit_code=None, detail=f"spool: {exc}"
             )
 
-        def started() -> None:
-            self._report(messages.Started(job_id=run.job_id, attempt=run.attempt, at=self.clock()))
-
+        reporter = _Reporter(self, run)
         try:
-            return await self.runtime.run(run, workdir, held.cancel, started)
+            return await self.runtime.run(run, workdir, held.cancel, reporter)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             log.exception("runtime failed on job %s", run.job_id)
             return runtime_mod.Outcome(reason=Reason.INFRA_ERROR, exit_code=None, detail=str(exc))
+        finally:
+            reporter.close()  # the Exited that follows carries all of the output
 
     async def shutdown(self) -> None:
         """Stop every running job without reporting it (agent exit).

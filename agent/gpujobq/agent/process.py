@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import pathlib
 import signal
-from collections.abc import Callable
 
 from gpujobq.agent import capture, runtime
 from gpujobq.protocol import messages
@@ -35,7 +35,7 @@ class ProcessRuntime:
         job: messages.RunJob,
         workdir: pathlib.Path,
         cancel: asyncio.Event,
-        started: Callable[[], None],
+        report: runtime.Reporter,
     ) -> runtime.Outcome:
         try:
             proc = await asyncio.create_subprocess_exec(
@@ -52,8 +52,11 @@ class ProcessRuntime:
             return runtime.Outcome(
                 reason=Reason.INFRA_ERROR, exit_code=None, detail=f"could not start: {exc}"
             )
-        started()
-        out, err = capture.CappedBuffer(job.output_cap), capture.CappedBuffer(job.output_cap)
+        report.started()
+        out, err = (
+            capture.CappedBuffer(job.output_cap, functools.partial(report.output, name))
+            for name in ("stdout", "stderr")
+        )
         assert proc.stdout is not None and proc.stderr is not None
         readers = [
             asyncio.create_task(capture.drain(proc.stdout, out)),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import pathlib
-from collections.abc import Callable
 from typing import Protocol
 
 import msgspec
@@ -20,6 +19,16 @@ class Outcome(msgspec.Struct, frozen=True, kw_only=True):
     files: tuple[messages.OutputFile, ...] = ()
 
 
+class Reporter(Protocol):
+    """What a runtime tells the agent while a job runs."""
+
+    def started(self) -> None: ...
+
+    def output(self, stream: str, data: bytes) -> None:
+        """The next bytes of ``stream`` ("stdout" or "stderr"); call on the event loop."""
+        ...
+
+
 class Runtime(Protocol):
     name: str
     isolated: bool
@@ -29,11 +38,11 @@ class Runtime(Protocol):
         job: messages.RunJob,
         workdir: pathlib.Path,
         cancel: asyncio.Event,
-        started: Callable[[], None],
+        report: Reporter,
     ) -> Outcome:
         """Run the job prepared in ``workdir`` until it exits, times out or ``cancel`` is set.
 
-        Calls ``started`` once the job's program is running.
+        Tells ``report`` when the program is running and what it prints as it prints it.
         """
         ...
 

@@ -79,10 +79,12 @@ def _id(path: str) -> str:
     return path.removeprefix("/")
 
 
-def _result(job: store.Job) -> SubmitReply:
+def _result(request: Request[Any, Any, Any], job: store.Job) -> SubmitReply:
+    """The guide's result shape; for a running job, what it has printed so far."""
+    stdout, stderr = _service(request).dispatcher.live_output(job)
     return SubmitReply(
-        job_id=job.id, status=job.status.value, stdout=results.text(job.stdout),
-        stderr=results.text(job.stderr), exit_code=job.exit_code,
+        job_id=job.id, status=job.status.value, stdout=results.text(stdout),
+        stderr=results.text(stderr), exit_code=job.exit_code,
     )
 
 
@@ -118,7 +120,7 @@ async def submit(request: Request[Any, Any, Any], wait: bool = True) -> Response
     job = svc.submit(config, code, key)
     if wait:
         job = await svc.wait(job, svc.settings.wait_cap)
-    return Response(_result(job), status_code=200 if job.status in TERMINAL else 202)
+    return Response(_result(request, job), status_code=200 if job.status in TERMINAL else 202)
 
 
 @get("/api/status/{job_id:path}")
@@ -144,7 +146,7 @@ async def result(
     request: Request[Any, Any, Any], job_id: str, user_id: str | None = None
 ) -> SubmitReply:
     svc = _service(request)
-    return _result(svc.job_of(_id(job_id), _user(request, user_id)))
+    return _result(request, svc.job_of(_id(job_id), _user(request, user_id)))
 
 
 @get("/api/jobs")

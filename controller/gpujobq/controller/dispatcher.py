@@ -32,6 +32,19 @@ class HostState:
         self.drain = drain
 
 
+class LiveOutput:
+    """What a running attempt has printed so far (the head of each stream), in memory."""
+
+    def __init__(self, attempt: int) -> None:
+        self.attempt = attempt
+        self.streams = {"stdout": bytearray(), "stderr": bytearray()}
+
+    def add(self, msg: messages.Output) -> None:
+        buf = self.streams.get(msg.stream)
+        if buf is not None and msg.offset == len(buf):  # in order; gaps wait for Exited
+            buf += msg.data
+
+
 class Watchers:
     """Lets a waiting request sleep until its job reaches a terminal state."""
 
@@ -73,6 +86,7 @@ class Dispatcher:
         self.links: dict[str, agents.Link] = {}
         self.clock = clock
         self.watchers = Watchers()
+        self.live: dict[str, LiveOutput] = {}
         self._wake = asyncio.Event()
 
     # ---- the loop ------------------------------------------------------------------------
@@ -168,6 +182,7 @@ class Dispatcher:
         except errors.TransitionError:
             return
         log.warning("job %s: %s; now %s", job.id, why, job.status)
+        self.live.pop(job.id, None)
         if job.status is not Status.PENDING:
             self._finished(job)
 
@@ -225,6 +240,11 @@ class Dispatcher:
             match msg:
                 case messages.Started():
                     self.store.mark_started(msg.job_id, msg.attempt, msg.at)
+                    self.live[msg.job_id] = LiveOutput(msg.attempt)
+                case messages.Output():
+                    live = self.live.get(msg.job_id)
+                    if live is not None and live.attempt == msg.attempt:
+                        live.add(msg)
                 case messages.Exited():
                     self._exited(link, msg)
                 case messages.Heartbeat():
@@ -254,7 +274,15 @@ class Dispatcher:
         self._send(link, messages.Ack(job_id=msg.job_id, attempt=msg.attempt))
         self.wake()
 
+    def live_output(self, job: store.Job) -> tuple[bytes, bytes]:
+        """stdout and stderr so far of a running job (the stored ones once it ended)."""
+        live = self.live.get(job.id)
+        if job.status is not Status.RUNNING or live is None or live.attempt != job.attempt:
+            return job.stdout, job.stderr
+        return bytes(live.streams["stdout"]), bytes(live.streams["stderr"])
+
     def _finished(self, job: store.Job) -> None:
+        self.live.pop(job.id, None)
         try:
             results.write(pathlib.Path(self.settings.results_dir), job)
         except OSError:

@@ -67,6 +67,20 @@ class Started(Msg, tag="started", frozen=True, kw_only=True):
     at: float
 
 
+class Output(Msg, tag="output", frozen=True, kw_only=True):
+    """Live output while a job runs: the next bytes of a stream's kept head.
+
+    ``offset`` is where ``data`` starts in that stream; the whole capped output comes
+    again with Exited, so a lost Output costs only liveness.
+    """
+
+    job_id: str
+    attempt: int
+    stream: str  # "stdout" or "stderr"
+    offset: int
+    data: bytes
+
+
 class OutputFile(msgspec.Struct, frozen=True, kw_only=True):
     """A regular file the job left in its output folder (path relative to it)."""
 
@@ -97,7 +111,7 @@ class Heartbeat(Msg, tag="heartbeat", frozen=True, kw_only=True):
     jobs: tuple[HeldJob, ...] = ()
 
 
-Up = Started | Exited | Heartbeat
+Up = Started | Output | Exited | Heartbeat
 
 
 class Hello(msgspec.Struct, frozen=True, kw_only=True):
