@@ -91,7 +91,8 @@ def test_jobs_lists_newest_first_and_pages_by_cursor(cluster: Cluster, user: Use
     assert [j["job_id"] for j in rest.json()] == [ids[0]]
     assert "X-Next-Cursor" not in rest.headers
 
-    assert cluster.get(user, "jobs", cursor="abc").status_code == 400
+    for bad in ("abc", "\u00b2", "-1", "1" * 30):
+        assert cluster.get(user, "jobs", cursor=bad).status_code == 400
     assert cluster.get(user, "jobs", limit=0).status_code == 400
     assert cluster.get(user, "jobs", limit="x").status_code == 400
     assert "detail" in cluster.get(user, "jobs", limit="x").json()

@@ -117,6 +117,7 @@ def test_another_users_job_is_the_same_404(cluster: Cluster, user: User) -> None
         ("a: &x [1]\nb: *x\n", 400, "aliases"),
         ("{{unclosed", 400, "not valid YAML"),
         ("- a list\n", 400, "mapping"),
+        ("[" * 30000, 400, "nested too deeply"),
         ("", 400, "mapping"),
     ],
 )

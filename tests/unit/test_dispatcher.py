@@ -146,3 +146,34 @@ def test_reconcile_on_connect(w: World) -> None:
     assert w.store.get("j1").status is Status.PENDING  # the agent lost it: requeued
     assert w.store.get("j2").status is Status.RUNNING
     assert w.link.sent == [messages.Cancel(job_id="ghost", attempt=3)]
+
+
+def test_a_gpu_given_up_on_stays_taken_until_the_agent_lets_go(w: World) -> None:
+    w.d.hosts["a"] = dispatcher.HostState(GPUS[:1], drain=False)
+    w.submit("j1")
+    w.d.run_once()
+    w.link.connected = False
+    w.d.cancel(w.store.get("j1"))  # cancelled here; the agent may still be running it
+    w.link.connected = True
+    w.submit("j2")
+    hello = messages.Hello(host="a", runtime="process", jobs=(
+        messages.HeldJob(job_id="j1", attempt=1, finished=False),))
+    w.d.on_connected(w.link, hello)  # type: ignore[arg-type]
+    assert w.link.sent[-1] == messages.Cancel(job_id="j1", attempt=1)
+    assert w.d.run_once() == 0  # the old attempt still holds GPU 0
+    w.d.on_message(w.link, messages.Heartbeat(at=w.now, jobs=()))  # type: ignore[arg-type]
+    assert w.d.run_once() == 1
+    assert w.store.get("j2").status is Status.RUNNING
+
+
+def test_a_job_its_agent_never_took_is_requeued(w: World) -> None:
+    w.submit("j1")
+    w.d.run_once()
+    beat = messages.Heartbeat(at=w.now, jobs=())
+    w.now += 5
+    w.d.on_message(w.link, beat)  # type: ignore[arg-type]
+    assert w.store.get("j1").status is Status.RUNNING  # may still be on its way
+    w.now += dispatcher.UNHELD_AFTER
+    w.d.on_message(w.link, beat)  # type: ignore[arg-type]
+    assert w.store.get("j1").status is Status.PENDING
+    assert w.store.get("j1").retries == 1

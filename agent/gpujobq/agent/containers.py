@@ -33,6 +33,9 @@ LABEL_ATTEMPT = "gpujobq.attempt"
 LABEL_HOST = "gpujobq.host"  # the agent that made it: restarts clean up their own only
 OUTPUT_POLL = 0.5  # seconds between checks of the output folder's size
 FLOOD_FACTOR = 64  # a job printing more than this x output_cap is stopped (output_limit)
+# Files read back from /output travel in one Exited message (frames are at most 256 MiB)
+# and are stored with the job: at most this much, the rest is listed as skipped.
+FILES_CAP = 32 << 20
 T = TypeVar("T")
 
 GpuMode = Literal["request", "runtime"]
@@ -49,7 +52,9 @@ class Limits(msgspec.Struct, frozen=True, kw_only=True):
     output_size: int = 256 << 20  # the writable /output folder, and any one file
     nofile: int = 4096
     log_size: str = "10m"  # docker's own json-file log; the agent reads the stream itself
-    user: str = "65534:65534"  # nobody: never root in the container
+    # Never root in the container. "" means: the agent's own uid:gid when it is not root
+    # (so it can always delete what the job wrote), else nobody (65534:65534).
+    user: str = ""
 
 
 def container_name(job_id: str, attempt: int) -> str:
@@ -91,7 +96,7 @@ def spec(
         "name": container_name(job.job_id, job.attempt),
         "labels": {LABEL_JOB: job.job_id, LABEL_ATTEMPT: str(job.attempt), LABEL_HOST: host},
         "working_dir": "/job",
-        "user": limits.user,
+        "user": limits.user or "65534:65534",
         "environment": environment,
         "network_mode": "bridge" if job.network else "none",
         "read_only": True,
@@ -140,15 +145,22 @@ class DockerRuntime:
         default_image: str,
         limits: Limits | None = None,
         gpu_mode: GpuMode = "request",
-        threads: int = 32,
+        threads: int = 256,
     ) -> None:
         self.client = client
         self.host = host
         self.default_image = default_image
         limits = limits or Limits()
-        # Docker refuses a CPU limit above the host's CPU count.
-        self.limits = msgspec.structs.replace(limits, cpus=min(limits.cpus, os.cpu_count() or 1))
+        uid, gid = os.getuid(), os.getgid()
+        self.limits = msgspec.structs.replace(
+            limits,
+            # Docker refuses a CPU limit above the host's CPU count.
+            cpus=min(limits.cpus, os.cpu_count() or 1),
+            user=limits.user or ("65534:65534" if uid == 0 else f"{uid}:{gid}"),
+        )
         self.gpu_mode = gpu_mode
+        # Each running job holds two threads for its whole life (wait, output stream), and
+        # stop/kill must never queue behind them: the pool is sized far above the GPUs.
         self.pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="docker")
 
     async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -206,7 +218,8 @@ class DockerRuntime:
         state = (await self._call(self._state, container)) or {}
         if reason is Reason.EXIT_CODE and state.get("OOMKilled"):
             reason = Reason.OOM
-        files, skipped = await self._call(outputs.collect, output_dir, self.limits.output_size)
+        files, skipped = await self._call(
+            outputs.collect, output_dir, min(FILES_CAP, self.limits.output_size))
         return runtime.Outcome(
             reason=reason,
             exit_code=int(status.get("StatusCode", -1)),

@@ -81,11 +81,11 @@ class Link:
         while True:
             try:
                 await self._session()
-                failures = 0
             except asyncio.CancelledError:
                 raise
             except (OSError, asyncssh.Error, messages.ProtocolError, TimeoutError) as exc:
-                failures += 1
+                # A link that was up counts as a first failure again: backoff restarts.
+                failures = 1 if self.down_since is None else failures + 1
                 self.last_error = str(exc) or type(exc).__name__
                 log.warning("agent %s: %s", self.name, self.last_error)
             except Exception as exc:

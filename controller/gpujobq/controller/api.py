@@ -162,7 +162,7 @@ async def jobs(
         raise errors.BadRequest(f"limit must be between 1 and {MAX_PAGE}")
     before = None
     if cursor is not None:
-        if not cursor.isdigit() or len(cursor) > 18:
+        if not (cursor.isascii() and cursor.isdecimal()) or len(cursor) > 18:
             raise errors.BadRequest("Invalid cursor: pass the X-Next-Cursor of a previous page")
         before = int(cursor)
     page = svc.store.list_for_user(user, limit + 1, before)

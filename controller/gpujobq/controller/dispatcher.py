@@ -22,6 +22,9 @@ from gpujobq.protocol.states import Reason, Status, final_status
 log = logging.getLogger(__name__)
 
 TICK = 1.0  # seconds between passes when nothing wakes the loop
+# A job dispatched this long ago that its agent's heartbeat does not list was lost on the
+# way (or refused): it is requeued.
+UNHELD_AFTER = 30.0
 
 
 class HostState:
@@ -87,6 +90,11 @@ class Dispatcher:
         self.clock = clock
         self.watchers = Watchers()
         self.live: dict[str, LiveOutput] = {}
+        # Attempts the controller gave up on (cancelled or requeued while their host was
+        # away) that may still run there: their GPUs stay taken until the agent reports
+        # them ended or no longer held. (job_id, attempt) -> (host, GPU indexes)
+        self.lingering: dict[tuple[str, int], tuple[str, tuple[int, ...]]] = {}
+        self.dispatched_at: dict[str, float] = {}
         self._wake = asyncio.Event()
 
     # ---- the loop ------------------------------------------------------------------------
@@ -114,6 +122,8 @@ class Dispatcher:
         for job in running:
             if job.node is not None:
                 busy.setdefault(job.node, set()).update(job.gpus)
+        for host, gpus in self.lingering.values():
+            busy.setdefault(host, set()).update(gpus)
         usable = {
             name: host.gpus
             for name, host in self.hosts.items()
@@ -133,6 +143,7 @@ class Dispatcher:
         job = self.store.dispatch(
             assignment.job_id, assignment.host, [g.index for g in assignment.gpus]
         )
+        self.dispatched_at[job.id] = self.clock()
         code, config = self.store.payload(job.id)
         run = messages.RunJob(
             job_id=job.id,
@@ -174,6 +185,7 @@ class Dispatcher:
         return requeued
 
     def _requeue(self, job: store.Job, why: str) -> None:
+        self._linger(job)
         try:
             if job.cancel_requested:  # the user wanted it stopped: never run it again
                 job = self.store.force_cancel(job.id, job.attempt, f"cancelled; {why}")
@@ -205,11 +217,23 @@ class Dispatcher:
         except agents.LinkDown as exc:
             # Its host is unreachable: the job is cancelled here, and the agent is told to
             # stop it when it reconnects (reconcile cancels attempts the controller dropped).
+            self._linger(job)
             job = self.store.force_cancel(job.id, job.attempt, f"cancelled while {exc}")
             self._finished(job)
         return job
 
     # ---- what agents report (agents.Handler) -----------------------------------------
+
+    def _linger(self, job: store.Job) -> None:
+        if job.node is not None and job.gpus:
+            self.lingering[(job.id, job.attempt)] = (job.node, job.gpus)
+
+    def _forget_ended(self, host: str, jobs: tuple[messages.HeldJob, ...]) -> None:
+        """Free the GPUs of lingering attempts the agent no longer runs."""
+        running = {(h.job_id, h.attempt) for h in jobs if not h.finished}
+        for key, (where, _) in list(self.lingering.items()):
+            if where == host and key not in running:
+                del self.lingering[key]
 
     def on_connected(self, link: agents.Link, hello: messages.Hello) -> None:
         held = {(h.job_id, h.attempt): h for h in hello.jobs}
@@ -229,6 +253,7 @@ class Dispatcher:
             )
             if not ours and not entry.finished:
                 self._send(link, messages.Cancel(job_id=job_id, attempt=attempt))
+        self._forget_ended(link.name, hello.jobs)
         self.wake()
 
     def on_disconnected(self, link: agents.Link) -> None:
@@ -248,11 +273,22 @@ class Dispatcher:
                 case messages.Exited():
                     self._exited(link, msg)
                 case messages.Heartbeat():
-                    pass
+                    self._heartbeat(link, msg)
         except errors.TransitionError as exc:
             log.info("ignored a stale report: %s", exc)
 
+    def _heartbeat(self, link: agents.Link, beat: messages.Heartbeat) -> None:
+        self._forget_ended(link.name, beat.jobs)
+        held = {(h.job_id, h.attempt) for h in beat.jobs}
+        now = self.clock()
+        for job in self.store.by_status(Status.RUNNING):
+            sent = self.dispatched_at.get(job.id)
+            if (job.node == link.name and (job.id, job.attempt) not in held
+                    and sent is not None and now - sent > UNHELD_AFTER):
+                self._requeue(job, f"agent {link.name} does not hold it")
+
     def _exited(self, link: agents.Link, msg: messages.Exited) -> None:
+        self.lingering.pop((msg.job_id, msg.attempt), None)
         job = self.store.get(msg.job_id)
         if (
             job is not None and job.status is Status.RUNNING
@@ -283,6 +319,7 @@ class Dispatcher:
 
     def _finished(self, job: store.Job) -> None:
         self.live.pop(job.id, None)
+        self.dispatched_at.pop(job.id, None)
         try:
             results.write(pathlib.Path(self.settings.results_dir), job)
         except OSError:

@@ -60,3 +60,5 @@ def load(text: bytes | str, *, max_bytes: int = 64 << 10) -> Any:
         return yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as exc:
         raise YAMLError(" ".join(str(exc).split())) from exc
+    except RecursionError as exc:  # "[[[[..." nests deeper than the parser can follow
+        raise YAMLError("nested too deeply") from exc
