@@ -15,7 +15,7 @@ from typing import Any
 import msgspec
 import sqlite_utils
 from gpujobq.controller import database, errors, ratelimit
-from gpujobq.protocol.states import ACTIVE, TERMINAL, Reason, Status
+from gpujobq.protocol.states import TERMINAL, Reason, Status
 
 _COLUMNS = (
     "id, user_id, competition_id, project_id, expected_time, time_limit, status, reason,"
@@ -341,7 +341,3 @@ class Store:
             " VALUES (?, ?, ?, ?, ?, ?, ?)",
             [job_id, attempt, src, dst.value, at, reason, detail],
         )
-
-
-def is_active(job: Job) -> bool:
-    return job.status in ACTIVE
