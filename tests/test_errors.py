@@ -103,7 +103,11 @@ def test_another_users_job_is_the_same_404(cluster: Cluster, user: User) -> None
     ("config", "status", "words"),
     [
         ("competition_id: c\nproject_id: p\nuser_id: {user}\n", 422, "expected_time"),
-        (GOOD + "gpus: 8\n", 422, "unknown field `gpus`"),
+        (GOOD + "gpu: 1\n", 422, "unknown field `gpu`"),
+        (GOOD + "gpus: 8\n", 400, "No host can ever run this job: no host has 8 GPUs"),
+        (GOOD + "gpus: 9\n", 400, "gpus: 9 requested, but a job of competition 'c' may use at "
+                                  "most 8"),
+        (GOOD + "gpus: 0\n", 422, "gpus"),
         ("competition_id: c\nproject_id: p\nuser_id: {user}\nexpected_time: soon\n", 422,
          "expected_time"),
         ("competition_id: c\nproject_id: p\nuser_id: {user}\nexpected_time: 0\n", 422,

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pathlib
 
+import msgspec
 import pytest
 from gpujobq.controller import agents, database, dispatcher, ratelimit, settings, store
-from gpujobq.protocol import messages
+from gpujobq.protocol import inventory, messages
 from gpujobq.protocol.states import Status
 
 LIMITS = ratelimit.Limits(submits=100, window=60, active=100)
@@ -16,11 +17,17 @@ GPUS = (messages.GPU(index=0, virtual=True), messages.GPU(index=1, virtual=True)
 class FakeLink:
     """Stands in for agents.Link: records what the dispatcher sends."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, address: str = "") -> None:
         self.name = name
+        self.address = address
         self.connected = True
         self.down_since: float | None = None
+        self.last_error: str | None = None
+        self.dropped: list[str] = []
         self.sent: list[messages.Down] = []
+
+    def drop(self, why: str) -> None:
+        self.dropped.append(why)
 
     def send(self, msg: messages.Down) -> None:
         if not self.connected:
@@ -34,21 +41,40 @@ class World:
         self.store = store.Store(database.open_database(tmp / "db.sqlite"), lambda: self.now)
         self.settings = settings.Settings(results_dir=tmp / "results", node_lost_after=60,
                                           max_retries=1)
+        self.made: list[FakeLink] = []
         self.d = dispatcher.Dispatcher(
-            store=self.store, settings=self.settings,
-            hosts={"a": dispatcher.HostState(GPUS, drain=False)}, clock=lambda: self.now,
+            store=self.store, settings=self.settings, inventory=inv(host("a", 2)),
+            link_factory=self.make_link, clock=lambda: self.now,
         )
-        self.link = FakeLink("a")
-        self.d.links["a"] = self.link  # type: ignore[assignment]
+        self.link = self.d.nodes["a"].link
 
-    def submit(self, job_id: str) -> store.Job:
-        new = store.NewJob(id=job_id, user_id="u", competition_id="c", project_id="p",
-                           expected_time=5, time_limit=10, code=b"print(1)", config=b"x: 1\n")
+    def make_link(self, h: inventory.Host, handler: agents.Handler) -> FakeLink:
+        link = FakeLink(h.name, h.address)
+        self.made.append(link)
+        return link
+
+    def submit(self, job_id: str, user: str = "u", gpus: int = 1, competition: str = "c",
+               expected_time: float = 5, time_limit: float = 10) -> store.Job:
+        new = store.NewJob(id=job_id, user_id=user, competition_id=competition, project_id="p",
+                           expected_time=expected_time, time_limit=time_limit,
+                           code=b"print(1)", config=b"x: 1\n", gpu_count=gpus)
         return self.store.submit(new, LIMITS)[0]
+
+    def runs(self, link: FakeLink | None = None) -> list[messages.RunJob]:
+        return [m for m in (link or self.link).sent if isinstance(m, messages.RunJob)]
 
     def exited(self, job_id: str, attempt: int, exit_code: int = 0) -> messages.Exited:
         return messages.Exited(job_id=job_id, attempt=attempt, at=self.now, reason="exit_code",
                                exit_code=exit_code, stdout=b"out")
+
+
+def host(name: str, gpus: int, address: str = "", **kw: object) -> dict[str, object]:
+    return {"name": name, "address": address or f"10.0.0.{ord(name[0])}", "host_key": "k",
+            "gpus": [{"index": i, "virtual": True} for i in range(gpus)], **kw}
+
+
+def inv(*hosts: dict[str, object], **extra: object) -> inventory.Inventory:
+    return msgspec.convert({"hosts": list(hosts), **extra}, inventory.Inventory)
 
 
 @pytest.fixture
@@ -90,8 +116,11 @@ def test_no_dispatch_to_a_disconnected_or_drained_host(w: World) -> None:
     w.link.connected = False
     assert w.d.run_once() == 0
     w.link.connected = True
-    w.d.hosts["a"] = dispatcher.HostState(GPUS, drain=True)
+    w.d.apply_inventory(inv(host("a", 2, drain=True)))
     assert w.d.run_once() == 0
+    assert w.d.waiting(w.store.get("j1")).reason == "all eligible hosts drained"
+    w.d.apply_inventory(inv(host("a", 2)))
+    assert w.d.run_once() == 1
 
 
 def test_lost_host_requeues_then_fails_node_lost(w: World) -> None:
@@ -149,7 +178,7 @@ def test_reconcile_on_connect(w: World) -> None:
 
 
 def test_a_gpu_given_up_on_stays_taken_until_the_agent_lets_go(w: World) -> None:
-    w.d.hosts["a"] = dispatcher.HostState(GPUS[:1], drain=False)
+    w.d.apply_inventory(inv(host("a", 1)))
     w.submit("j1")
     w.d.run_once()
     w.link.connected = False
@@ -177,3 +206,131 @@ def test_a_job_its_agent_never_took_is_requeued(w: World) -> None:
     w.d.on_message(w.link, beat)  # type: ignore[arg-type]
     assert w.store.get("j1").status is Status.PENDING
     assert w.store.get("j1").retries == 1
+
+
+# ---- the fleet: several hosts, reloads, health ---------------------------------------
+
+
+def test_global_queue_places_on_any_host_with_enough_gpus(w: World) -> None:
+    w.d.apply_inventory(inv(host("a", 2), host("b", 4)))
+    b = w.made[-1]
+    w.submit("big", user="u1", gpus=4)
+    w.submit("small", user="u2", gpus=1)
+    w.submit("pair", user="u3", gpus=2)
+    assert w.d.run_once() == 2
+    assert [(r.job_id, [g.index for g in r.gpus]) for r in w.runs(b)] == [("big", [0, 1, 2, 3])]
+    on_a = {r.job_id: [g.index for g in r.gpus] for r in w.runs()}
+    assert on_a == {"small": [0]}
+    pair = w.store.get("pair")
+    assert pair.status is Status.PENDING
+    assert w.d.waiting(pair).reason == "waiting for 2 free GPUs on one host"
+
+
+def test_status_position_reason_and_estimate(w: World) -> None:
+    w.submit("r1", user="u1", expected_time=100, time_limit=200)
+    w.submit("r2", user="u2", expected_time=100, time_limit=200)
+    w.submit("q1", user="u3", expected_time=50)
+    w.submit("q2", user="u4", expected_time=50)
+    w.d.run_once()
+    q1, q2 = w.d.waiting(w.store.get("q1")), w.d.waiting(w.store.get("q2"))
+    assert (q1.position, q1.reason) == (1, "waiting for a free GPU")
+    assert q2.position == 2
+    assert q1.estimated_start == w.now + 100 and q2.estimated_start == w.now + 100
+    w.submit("q3", user="u5")  # submitted since the last pass: planned on demand
+    assert w.d.waiting(w.store.get("q3")).position == 3
+    assert w.d.waiting(w.store.get("r1")) is None
+
+
+def test_removed_host_drains_then_leaves(w: World) -> None:
+    w.submit("j1")
+    w.d.run_once()
+    w.d.apply_inventory(inv())
+    assert "a" in w.d.nodes and w.d.nodes["a"].removing
+    w.submit("j2", user="u2")
+    assert w.d.run_once() == 0  # takes no new job
+    assert w.d.waiting(w.store.get("j2")).reason == "all eligible hosts drained"
+    w.d.on_message(w.link, w.exited("j1", 1))  # type: ignore[arg-type]
+    w.d.run_once()
+    assert "a" not in w.d.nodes
+    assert w.store.get("j1").status is Status.COMPLETED
+
+
+def test_host_back_in_the_inventory_before_it_left_stays(w: World) -> None:
+    w.submit("j1")
+    w.d.run_once()
+    w.d.apply_inventory(inv())
+    w.d.apply_inventory(inv(host("a", 2)))
+    assert not w.d.nodes["a"].removing and w.d.nodes["a"].link is w.link
+
+
+def test_new_address_means_a_new_link_and_the_old_ones_reports_are_ignored(w: World) -> None:
+    w.submit("j1")
+    w.d.run_once()
+    changes = w.d.apply_inventory(inv(host("a", 2, address="10.9.9.9")))
+    assert changes == ["reconnecting to host a at 10.9.9.9:8022"]
+    new = w.d.nodes["a"].link
+    assert new is not w.link and new.address == "10.9.9.9"
+    w.d.on_message(w.link, w.exited("j1", 1))  # type: ignore[arg-type]
+    assert w.store.get("j1").status is Status.RUNNING
+    w.d.on_message(new, w.exited("j1", 1))
+    assert w.store.get("j1").status is Status.COMPLETED
+
+
+def test_a_bad_host_key_changes_nothing(w: World) -> None:
+    def failing(h: inventory.Host, handler: agents.Handler) -> FakeLink:
+        raise inventory.InventoryError(f"host {h.name}: bad host key")
+
+    w.d.link_factory = failing  # type: ignore[assignment]
+    with pytest.raises(inventory.InventoryError):
+        w.d.apply_inventory(inv(host("a", 2), host("b", 2)))
+    assert list(w.d.nodes) == ["a"] and w.d.inventory.hosts[0].name == "a"
+
+
+def test_silent_host_is_down_then_its_jobs_are_node_lost(w: World) -> None:
+    w.d.apply_inventory(inv(host("a", 1), host("b", 1)))
+    b = w.made[-1]
+    w.submit("j1")
+    w.d.run_once()
+    assert w.store.get("j1").node == "a"
+    beat = messages.Heartbeat(at=w.now)
+    w.d.on_message(w.link, beat)  # type: ignore[arg-type]
+    w.d.on_message(b, beat)  # type: ignore[arg-type]
+    w.now += w.settings.heartbeat_timeout + 1
+    w.d.on_message(b, beat)  # type: ignore[arg-type]
+    w.d.run_once()
+    assert w.link.dropped  # a host that went silent is reconnected to
+    assert w.d.nodes["a"].state(w.now, w.settings.heartbeat_timeout) == "down"
+    assert w.store.get("j1").status is Status.RUNNING  # not lost yet
+    w.now += w.settings.node_lost_after
+    w.d.on_message(b, beat)  # type: ignore[arg-type]
+    w.d.run_once()
+    job = w.store.get("j1")
+    assert (job.status, job.node, job.attempt) == (Status.RUNNING, "b", 2)
+    events = w.store.events("j1")
+    assert any(e["reason"] == "requeued" and "node lost" in e["detail"] for e in events)
+
+
+def test_dirty_gpus_are_held_back(w: World) -> None:
+    dirty = (messages.DirtyGPU(index=0, pids=(42,), detail="process 42"),)
+    w.d.on_message(w.link, messages.Heartbeat(at=w.now, dirty=dirty))  # type: ignore[arg-type]
+    w.submit("j1")
+    w.submit("j2", user="u2")
+    assert w.d.run_once() == 1
+    assert [g.index for g in w.runs()[0].gpus] == [1]
+    w.d.on_message(w.link, messages.Heartbeat(at=w.now))  # type: ignore[arg-type]
+    assert w.d.run_once() == 1
+    assert [g.index for g in w.runs()[1].gpus] == [0]
+
+
+def test_competition_profile_reaches_the_job(w: World) -> None:
+    w.d.apply_inventory(inv(host("a", 2, labels={"gpu": "a100"}), host("b", 2), competitions={
+        "c": {"image": "img:1", "network": True, "labels": {"gpu": "a100"},
+              "mounts": [{"source": "/srv/data/c", "target": "/data"}]}}))
+    w.submit("j1")
+    w.d.run_once()
+    (run,) = w.runs()
+    assert (run.image, run.network) == ("img:1", True)
+    assert run.mounts == (messages.Mount(source="/srv/data/c", target="/data"),)
+    w.submit("j2", user="u2", gpus=2)
+    w.d.run_once()
+    assert w.d.waiting(w.store.get("j2")).reason == "waiting for 2 free GPUs on one host"

@@ -69,9 +69,19 @@ def test_json_exponent_number() -> None:
 
 
 def test_unknown_field() -> None:
-    exc = refused(as_yaml(gpus=2))
+    exc = refused(as_yaml(gpu=2))
     assert not exc.malformed
-    assert "gpus" in str(exc)
+    assert "gpu" in str(exc)
+
+
+def test_gpus_field() -> None:
+    assert jobconfig.parse(as_yaml(gpus=2)).gpus == 2
+    assert jobconfig.parse(as_yaml()).gpus is None
+    for bad in (0, -1, 1.5, "2", True):
+        assert "gpus" in str(refused(as_yaml(gpus=bad)))
+    job_sees = jobconfig.for_job(jobconfig.parse(as_yaml(gpus=2)))
+    assert b"gpus: 2" in job_sees
+    assert b"gpus" not in jobconfig.for_job(jobconfig.parse(as_yaml()))
 
 
 @pytest.mark.parametrize(

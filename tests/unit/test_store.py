@@ -331,13 +331,14 @@ def test_list_for_user_newest_first_with_paging(jobs: store.Store, clock: Clock)
     assert jobs.list_for_user("nobody", limit=10, before=None) == []
 
 
-def test_queue_position(jobs: store.Store) -> None:
+def test_queue_lists_pending_jobs_in_submission_order(jobs: store.Store) -> None:
     for i in range(4):
         submit(jobs, f"j{i}")
     jobs.dispatch("j0", "n", [0])
     jobs.cancel_pending("j2")
-    positions = [jobs.queue_position(jobs.get(f"j{i}")) for i in range(4)]  # type: ignore[arg-type]
-    assert positions == [None, 1, None, 2]
+    queue = jobs.queue()
+    assert [q.id for q in queue] == ["j1", "j3"]
+    assert queue[0].gpu_count == 1 and queue[0].time_limit > 0
 
 
 def test_by_status(jobs: store.Store) -> None:

@@ -124,8 +124,11 @@ async def _run(args: argparse.Namespace, chosen: runtime.Runtime) -> None:
         host=args.name,
         runtime=chosen,
         spool=spool.Spool(args.spool),
-        gpus=gpus.detect(),
+        probe=gpus.Probe(),
     )
+    if agent.gpus:
+        logging.getLogger(__name__).info(
+            "NVML: %s", "; ".join(f"GPU {g.index} {g.name} {g.uuid}" for g in agent.gpus))
     srv = server.AgentServer(agent, heartbeat_interval=args.heartbeat)
     port = await srv.start(args.listen, args.port, args.host_key, args.authorized_keys)
     logging.getLogger(__name__).info("agent %s listening on %s:%d", args.name, args.listen, port)

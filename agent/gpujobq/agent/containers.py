@@ -104,6 +104,9 @@ def spec(
         "mounts": [
             Mount(target="/job", source=str(job_dir), type="bind", read_only=True),
             Mount(target="/output", source=str(output_dir), type="bind", read_only=False),
+            # The competition's data, read-only.
+            *(Mount(target=m.target, source=m.source, type="bind", read_only=True)
+              for m in job.mounts),
         ],
         "cap_drop": ["ALL"],
         "security_opt": ["no-new-privileges:true"],

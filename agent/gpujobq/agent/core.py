@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Protocol
 
 from gpujobq.agent import runtime as runtime_mod
 from gpujobq.agent import spool as spool_mod
@@ -24,6 +25,18 @@ Sender = Callable[[messages.Up], None]
 
 
 LIVE_FLUSH = 0.2  # seconds live output may wait to be batched into one message
+# After a job on real GPUs ends, how long its GPUs may take to let go of its processes
+# before they are reported dirty and held back.
+SETTLE = 3.0
+
+
+class GPUProbe(Protocol):
+    """What the agent asks of NVML (gpus.Probe)."""
+
+    @property
+    def available(self) -> bool: ...
+    def discover(self) -> tuple[messages.GPU, ...]: ...
+    def processes(self, index: int) -> tuple[int, ...]: ...
 
 
 class _Held:
@@ -75,14 +88,17 @@ class Agent:
         host: str,
         runtime: runtime_mod.Runtime,
         spool: spool_mod.Spool,
-        gpus: tuple[messages.GPU, ...] = (),
+        probe: GPUProbe | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.host = host
         self.runtime = runtime
         self.spool = spool
-        self.gpus = gpus
+        self.probe = probe if probe is not None and probe.available else None
+        self.gpus = self.probe.discover() if self.probe else ()
+        self.dirty: dict[int, messages.DirtyGPU] = {}
         self.clock = clock
+        self.check_gpus(g.index for g in self.gpus)  # anything left from before we started
         self.jobs: dict[Key, _Held] = {}
         self._send: Sender | None = None
         for exited in spool.recover():
@@ -113,8 +129,46 @@ class Agent:
 
     def hello(self) -> messages.Hello:
         return messages.Hello(
-            host=self.host, runtime=self.runtime.name, gpus=self.gpus, jobs=self.held()
+            host=self.host, runtime=self.runtime.name, gpus=self.gpus,
+            nvml=self.probe is not None, jobs=self.held(), dirty=self.dirty_gpus(),
         )
+
+    # ---- GPU hygiene -------------------------------------------------------------------
+
+    def check_gpus(self, indexes: Iterable[int]) -> list[int]:
+        """Ask NVML whether processes are left on these GPUs; returns the dirty ones."""
+        if self.probe is None:
+            return []
+        indexes = list(indexes)
+        for index in indexes:
+            try:
+                pids = self.probe.processes(index)
+            except Exception as exc:  # NVML errors: a GPU we cannot check is not handed out
+                self.dirty[index] = messages.DirtyGPU(index=index, detail=f"NVML: {exc}")
+                continue
+            if pids:
+                if index not in self.dirty:
+                    log.warning("GPU %d held back: processes %s still on it", index, pids)
+                self.dirty[index] = messages.DirtyGPU(
+                    index=index, pids=pids,
+                    detail=f"process(es) {', '.join(map(str, pids))} still on the GPU")
+            elif self.dirty.pop(index, None) is not None:
+                log.info("GPU %d is clean again", index)
+        return [i for i in indexes if i in self.dirty]
+
+    def dirty_gpus(self) -> tuple[messages.DirtyGPU, ...]:
+        return tuple(self.dirty[i] for i in sorted(self.dirty))
+
+    async def _settle(self, gpus: tuple[messages.GPU, ...]) -> None:
+        """Wait (up to SETTLE s) for a finished job's GPUs to be free of processes."""
+        indexes = [g.index for g in gpus if not g.virtual]
+        if self.probe is None or not indexes:
+            return
+        for _ in range(int(SETTLE / 0.2)):
+            if not self.check_gpus(indexes):
+                return
+            await asyncio.sleep(0.2)
+        self.check_gpus(indexes)
 
     def held(self) -> tuple[messages.HeldJob, ...]:
         return tuple(
@@ -123,7 +177,8 @@ class Agent:
         )
 
     def heartbeat(self) -> messages.Heartbeat:
-        return messages.Heartbeat(at=self.clock(), jobs=self.held())
+        self.check_gpus(list(self.dirty))  # a held-back GPU is given back once clean
+        return messages.Heartbeat(at=self.clock(), jobs=self.held(), dirty=self.dirty_gpus())
 
     # ---- messages down -----------------------------------------------------------------
 
@@ -156,6 +211,8 @@ class Agent:
 
     async def _execute(self, run: messages.RunJob, held: _Held) -> None:
         outcome = await self._outcome(run, held)
+        # The controller frees the job's GPUs when it hears Exited: check them first.
+        await self._settle(run.gpus)
         exited = messages.Exited(
             job_id=run.job_id,
             attempt=run.attempt,
@@ -166,6 +223,7 @@ class Agent:
             stderr=outcome.stderr,
             detail=outcome.detail,
             files=outcome.files,
+            dirty=self.dirty_gpus(),
         )
         try:
             self.spool.store_result(exited)

@@ -2,7 +2,9 @@
 
 For trusted and development hosts only: the job runs as the agent's user with the
 host's filesystem and network. It has its own session and process group, so a time
-limit or a cancel stops everything it started.
+limit or a cancel stops everything it started. A competition's data mounts are not
+remapped: the job reads them at their host path (`source`), and nothing makes them
+read-only here.
 """
 
 from __future__ import annotations
@@ -107,6 +109,8 @@ class ProcessRuntime:
             "HOME": str(workdir),
             "LANG": "C.UTF-8",
             "PYTHONUNBUFFERED": "1",
+            # NVML's (and the inventory's) numbering, not CUDA's fastest-first default.
+            "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
             "CUDA_VISIBLE_DEVICES": ",".join(_device_name(g) for g in job.gpus),
             "GPUJOBQ_JOB_ID": job.job_id,
             "GPUJOBQ_ATTEMPT": str(job.attempt),

@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import logging
 import os
 import pathlib
 import sys
 import time
+import urllib.error
+import urllib.request
+from typing import Any
 
 import msgspec
-from gpujobq.controller import accounts, database, errors
+from gpujobq.controller import accounts, database, errors, fleetview
 from gpujobq.controller.settings import Settings
 from gpujobq.protocol import inventory, sshkeys
 
@@ -54,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     add = user.add_parser("add", parents=[common], help="create a user and print a new token")
     add.add_argument("name")
     add.add_argument("--days", type=float, help="token lifetime (default --token-days)")
+    add.add_argument("--admin", action="store_true",
+                     help="may see and run the fleet (nodes, reload); makes an existing user one")
     add.set_defaults(func=_user_add)
 
     token = sub.add_parser("token", help="tokens").add_subparsers(required=True)
@@ -67,6 +73,20 @@ def _parser() -> argparse.ArgumentParser:
     rv = token.add_parser("revoke", parents=[common], help="revoke a token by its id")
     rv.add_argument("token_id")
     rv.set_defaults(func=_token_revoke)
+
+    remote = argparse.ArgumentParser(add_help=False)
+    remote.add_argument("--url", help="the running controller (default http://HOST:PORT of "
+                                      "the settings)")
+    remote.add_argument("--token", default=os.environ.get("GPUJOBQ_TOKEN"),
+                        help="an admin's token (env GPUJOBQ_TOKEN); left out, a one-minute "
+                             "token of the local admin user is made in the database")
+    nodes = sub.add_parser("nodes", parents=[common, remote],
+                           help="list hosts, their state, GPUs and the job on each GPU")
+    nodes.add_argument("--json", action="store_true", help="print the API's JSON")
+    nodes.set_defaults(func=_nodes)
+    rl = sub.add_parser("reload", parents=[common, remote],
+                        help="reload inventory.yaml now (same as SIGHUP) and say what changed")
+    rl.set_defaults(func=_reload)
     return p
 
 
@@ -104,7 +124,7 @@ def _keygen(settings: Settings, args: argparse.Namespace) -> int:
 def _user_add(settings: Settings, args: argparse.Namespace) -> int:
     db = database.open_database(settings.database)
     now = time.time()
-    created = accounts.add_user(db, args.name, now)
+    created = accounts.add_user(db, args.name, now, admin=args.admin)
     token = accounts.issue_token(db, args.name, now, args.days or settings.token_days)
     print(f"# user {args.name} {'created' if created else 'exists'}; new token:", file=sys.stderr)
     print(token)
@@ -132,6 +152,46 @@ def _token_revoke(settings: Settings, args: argparse.Namespace) -> int:
     if not accounts.revoke_token(db, args.token_id, time.time()):
         raise errors.NotFound(f"no active token with id {args.token_id!r}")
     print(f"revoked {args.token_id}")
+    return 0
+
+
+LOCAL_ADMIN = "gpujobq-admin"  # the user admin commands on the controller host act as
+
+
+def _call(settings: Settings, args: argparse.Namespace, method: str, path: str) -> Any:
+    """One admin API call to the running controller; the decoded JSON answer."""
+    url = (args.url or f"http://{settings.host}:{settings.port}").rstrip("/") + path
+    token, minted = args.token, None
+    if not token:
+        db = database.open_database(settings.database)
+        now = time.time()
+        accounts.add_user(db, LOCAL_ADMIN, now, admin=True)
+        token = accounts.issue_token(db, LOCAL_ADMIN, now, days=60 / 86400)
+        minted = accounts.token_id(db, token)
+    request = urllib.request.Request(url, method=method,
+                                     headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            return json.loads(reply.read())
+    except urllib.error.HTTPError as exc:
+        detail = json.loads(exc.read() or b"{}").get("detail", exc.reason)
+        raise errors.ControllerError(f"{url}: {exc.code} {detail}") from exc
+    except urllib.error.URLError as exc:
+        raise errors.ControllerError(f"{url}: is the controller running? {exc.reason}") from exc
+    finally:
+        if minted:
+            accounts.revoke_token(db, minted, time.time())
+
+
+def _nodes(settings: Settings, args: argparse.Namespace) -> int:
+    fleet = _call(settings, args, "GET", "/api/admin/nodes")
+    print(json.dumps(fleet, indent=2) if args.json else fleetview.table(fleet))
+    return 0
+
+
+def _reload(settings: Settings, args: argparse.Namespace) -> int:
+    answer = _call(settings, args, "POST", "/api/admin/reload")
+    print("inventory reloaded: " + ("; ".join(answer["changes"]) or "no changes"))
     return 0
 
 

@@ -29,18 +29,26 @@ def _digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def add_user(db: sqlite_utils.Database, user_id: str, now: float) -> bool:
-    """Create a user; False when it exists already."""
+def add_user(db: sqlite_utils.Database, user_id: str, now: float, *, admin: bool = False) -> bool:
+    """Create a user; False when it exists already (``admin=True`` then makes it an admin)."""
     if not jobconfig.valid_id(user_id):
         raise errors.BadRequest(
             f"user id {user_id!r} must be 1-64 letters, digits, '.', '_' or '-'"
         )
     with database.write(db):
         cur = db.execute(
-            "INSERT INTO users (id, created_at) VALUES (?, ?) ON CONFLICT(id) DO NOTHING",
-            [user_id, now],
+            "INSERT INTO users (id, created_at, admin) VALUES (?, ?, ?)"
+            " ON CONFLICT(id) DO NOTHING",
+            [user_id, now, int(admin)],
         )
+        if admin:
+            db.execute("UPDATE users SET admin = 1 WHERE id = ?", [user_id])
         return cur.rowcount == 1
+
+
+def is_admin(db: sqlite_utils.Database, user_id: str) -> bool:
+    row = db.execute("SELECT admin FROM users WHERE id = ?", [user_id]).fetchone()
+    return bool(row and row[0])
 
 
 def issue_token(db: sqlite_utils.Database, user_id: str, now: float, days: float) -> str:
@@ -62,6 +70,11 @@ def authenticate(db: sqlite_utils.Database, token: str, now: float) -> str | Non
         "SELECT user_id FROM tokens WHERE hash = ? AND revoked_at IS NULL AND expires_at > ?",
         [_digest(token), now],
     ).fetchone()
+    return row[0] if row else None
+
+
+def token_id(db: sqlite_utils.Database, token: str) -> str | None:
+    row = db.execute("SELECT id FROM tokens WHERE hash = ?", [_digest(token)]).fetchone()
     return row[0] if row else None
 
 

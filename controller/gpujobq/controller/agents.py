@@ -75,6 +75,12 @@ class Link:
         except (OSError, asyncssh.Error) as exc:
             raise LinkDown(f"agent {self.name}: {exc}") from exc
 
+    def drop(self, why: str) -> None:
+        """Close the connection (the host went silent); run() reconnects with backoff."""
+        self.last_error = why
+        if self._conn is not None:
+            self._conn.abort()
+
     async def run(self) -> None:
         """Keep the link up until cancelled."""
         failures = 0

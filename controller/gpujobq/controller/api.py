@@ -6,8 +6,8 @@ import logging
 from typing import Any
 
 import msgspec
-from gpujobq.controller import errors, results, service, store
-from gpujobq.protocol import jobconfig
+from gpujobq.controller import accounts, errors, fleetview, results, service, store
+from gpujobq.protocol import inventory, jobconfig
 from gpujobq.protocol.states import TERMINAL
 from litestar import Request, Response, get, post
 from litestar.datastructures import UploadFile
@@ -38,7 +38,11 @@ class StatusReply(msgspec.Struct):
     detail: str | None
     node: str | None
     attempt: int
-    queue_position: int | None
+    gpus: list[int]  # the GPU indexes it runs on (on `node`); [] until it starts
+    gpu_count: int  # GPUs it asked for
+    queue_position: int | None  # 1 = the next to start; None unless pending
+    estimated_start: str | None  # from the expected_time of the jobs ahead and running
+    pending_reason: str | None  # why it still waits; None unless pending
     time_limit: float
 
 
@@ -130,13 +134,17 @@ async def status(
     svc = _service(request)
     job = svc.job_of(_id(job_id), _user(request, user_id))
     node_ids = request.app.state.node_ids
+    waiting = svc.dispatcher.waiting(job)
     return StatusReply(
         job_id=job.id, status=job.status.value,
         node_id=node_ids.get(job.node) if job.node else None,
         created_at=results.iso(job.created_at), started_at=results.iso(job.started_at),
         completed_at=results.iso(job.completed_at), reason=job.reason, detail=job.detail,
         node=job.node,
-        attempt=job.attempt, queue_position=svc.store.queue_position(job),
+        attempt=job.attempt, gpus=list(job.gpus), gpu_count=job.gpu_count,
+        queue_position=waiting.position if waiting else None,
+        estimated_start=results.iso(waiting.estimated_start) if waiting else None,
+        pending_reason=waiting.reason if waiting else None,
         time_limit=job.time_limit,
     )
 
@@ -203,7 +211,37 @@ async def health(request: Request[Any, Any, Any]) -> dict[str, Any]:
     }
 
 
-ROUTES = [submit, status, result, jobs, cancel, health]
+# ---- admin ---------------------------------------------------------------------------
+
+
+def _admin(request: Request[Any, Any, Any]) -> str:
+    user = _user(request, None)
+    if not accounts.is_admin(_service(request).store.db, user):
+        raise errors.Forbidden("This needs an admin token")
+    return user
+
+
+@get("/api/admin/nodes")
+async def nodes(request: Request[Any, Any, Any]) -> fleetview.FleetReply:
+    _admin(request)
+    svc = _service(request)
+    return fleetview.describe(svc.dispatcher, request.app.state.reloader,
+                              request.app.state.node_ids)
+
+
+@post("/api/admin/reload", status_code=200)
+async def reload(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    """Reload inventory.yaml now: the changes, or 400 with the error (the old one stays)."""
+    _admin(request)
+    try:
+        changes = request.app.state.reloader.reload()
+    except inventory.InventoryError as exc:
+        raise errors.BadRequest(f"inventory not reloaded (the last good one stays): {exc}") \
+            from exc
+    return {"status": "reloaded", "changes": changes}
+
+
+ROUTES = [submit, status, result, jobs, cancel, health, nodes, reload]
 
 
 def error_response(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:

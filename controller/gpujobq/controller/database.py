@@ -12,7 +12,8 @@ import sqlite_utils
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
     id TEXT PRIMARY KEY,
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    admin INTEGER NOT NULL DEFAULT 0     -- may see the fleet (/api/admin/...)
 );
 CREATE TABLE IF NOT EXISTS tokens (
     id TEXT PRIMARY KEY,                 -- public id, for listing and revoking
@@ -41,6 +42,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     retries INTEGER NOT NULL DEFAULT 0,
     node TEXT,
     gpus TEXT,                           -- JSON list of GPU indexes on the node
+    gpu_count INTEGER NOT NULL DEFAULT 1, -- GPUs the job needs on one host
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     idempotency_key TEXT,
     created_at REAL NOT NULL,
@@ -86,7 +88,22 @@ def open_database(path: pathlib.Path) -> sqlite_utils.Database:
     db.execute("PRAGMA synchronous=FULL")  # acknowledged means on disk
     db.execute("PRAGMA foreign_keys=ON")
     conn.executescript(SCHEMA)
+    _migrate(db)
     return db
+
+
+# Columns added after the first release: (table, column, type and default). A database
+# made by an older version gains them on open; nothing is ever dropped or rewritten.
+ADDED_COLUMNS = (
+    ("users", "admin", "INTEGER NOT NULL DEFAULT 0"),
+    ("jobs", "gpu_count", "INTEGER NOT NULL DEFAULT 1"),
+)
+
+
+def _migrate(db: sqlite_utils.Database) -> None:
+    for table, column, kind in ADDED_COLUMNS:
+        if column not in db[table].columns_dict:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
 
 @contextlib.contextmanager

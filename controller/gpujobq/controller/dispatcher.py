@@ -11,9 +11,9 @@ import asyncio
 import contextlib
 import logging
 import pathlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
-from gpujobq.controller import agents, errors, results, scheduler, store
+from gpujobq.controller import agents, errors, fleet, results, scheduler, store
 from gpujobq.controller.settings import Settings
 from gpujobq.protocol import inventory as inventory_mod
 from gpujobq.protocol import messages
@@ -27,12 +27,7 @@ TICK = 1.0  # seconds between passes when nothing wakes the loop
 UNHELD_AFTER = 30.0
 
 
-class HostState:
-    """What the dispatcher knows of one inventory host."""
-
-    def __init__(self, gpus: tuple[messages.GPU, ...], drain: bool) -> None:
-        self.gpus = gpus
-        self.drain = drain
+LinkFactory = Callable[[inventory_mod.Host, agents.Handler], agents.Link]
 
 
 class LiveOutput:
@@ -78,16 +73,17 @@ class Dispatcher:
         *,
         store: store.Store,
         settings: Settings,
-        hosts: Mapping[str, HostState],
+        inventory: inventory_mod.Inventory,
+        link_factory: LinkFactory,
         clock: Callable[[], float],
-        inventory: inventory_mod.Inventory | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
-        self.inventory = inventory or inventory_mod.Inventory()
-        self.hosts = dict(hosts)
-        self.links: dict[str, agents.Link] = {}
+        self.link_factory = link_factory
+        self.inventory = inventory_mod.Inventory()
+        self.nodes: dict[str, fleet.Node] = {}
         self.clock = clock
+        self.plan = scheduler.Plan([], {})
         self.watchers = Watchers()
         self.live: dict[str, LiveOutput] = {}
         # Attempts the controller gave up on (cancelled or requeued while their host was
@@ -96,6 +92,82 @@ class Dispatcher:
         self.lingering: dict[tuple[str, int], tuple[str, tuple[int, ...]]] = {}
         self.dispatched_at: dict[str, float] = {}
         self._wake = asyncio.Event()
+        self._running = False
+        self.apply_inventory(inventory)
+
+    @property
+    def links(self) -> dict[str, agents.Link]:
+        return {name: node.link for name, node in self.nodes.items()}
+
+    # ---- the inventory -----------------------------------------------------------------
+
+    def apply_inventory(self, inv: inventory_mod.Inventory) -> list[str]:
+        """Make the fleet match a (new) inventory; returns what changed, in words.
+
+        All new links are made first, so an error (a host key that cannot be read)
+        changes nothing. A host gone from the inventory drains: it takes no new jobs and
+        leaves once nothing of it runs. A host whose address or key changed reconnects;
+        the jobs it runs go on.
+        """
+        made = {
+            h.name: self.link_factory(h, self)
+            for h in inv.hosts
+            if h.name not in self.nodes or _endpoint(self.nodes[h.name].host) != _endpoint(h)
+        }
+        changes = []
+        for host in inv.hosts:
+            node = self.nodes.get(host.name)
+            if node is None:
+                node = self.nodes[host.name] = fleet.Node(host, made[host.name])
+                self._start(node)
+                changes.append(f"added host {host.name}")
+                continue
+            if host.name in made:
+                self._stop(node)
+                node.link = made[host.name]
+                node.last_heard = None
+                self._start(node)
+                changes.append(f"reconnecting to host {host.name} at {host.address}:{host.port}")
+            if node.removing:
+                changes.append(f"host {host.name} is back in the inventory")
+            elif host.drain != node.host.drain:
+                changes.append(f"host {host.name} {'drains' if host.drain else 'undrained'}")
+            elif host != node.host and host.name not in made:
+                changes.append(f"host {host.name} changed")
+            node.host, node.removing = host, False
+            node.refresh()
+        listed = {h.name for h in inv.hosts}
+        for name, node in self.nodes.items():
+            if name not in listed and not node.removing:
+                node.removing = True
+                changes.append(f"host {name} removed: it drains, then goes")
+        self.inventory = inv
+        self.wake()
+        return changes
+
+    def _start(self, node: fleet.Node) -> None:
+        if self._running:
+            node.task = asyncio.create_task(node.link.run(), name=f"link {node.name}")
+
+    @staticmethod
+    def _stop(node: fleet.Node) -> None:
+        if node.task is not None:
+            node.task.cancel()
+            node.task = None
+
+    def _retire(self, running: list[store.Job]) -> None:
+        """Let hosts removed from the inventory go once nothing of theirs runs."""
+        occupied = {j.node for j in running} | {h for h, _ in self.lingering.values()}
+        for name, node in list(self.nodes.items()):
+            if node.removing and name not in occupied:
+                self._stop(node)
+                del self.nodes[name]
+                log.info("host %s left the fleet", name)
+
+    def node_of(self, link: agents.Link) -> fleet.Node | None:
+        """The node a link serves, if it is still that node's link (not a replaced one)."""
+        node = self.nodes.get(link.name)
+        return node if node is not None and node.link is link else None
 
     # ---- the loop ------------------------------------------------------------------------
 
@@ -103,41 +175,83 @@ class Dispatcher:
         self._wake.set()
 
     async def run(self) -> None:
-        """Supervised: a failing pass is logged and the loop goes on."""
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), TICK)
-            self._wake.clear()
-            try:
-                self.run_once()
-            except Exception:
-                log.exception("dispatcher pass failed; retrying")
+        """Supervised: a failing pass is logged and the loop goes on. Runs the links too."""
+        self._running = True
+        for node in self.nodes.values():
+            self._start(node)
+        try:
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), TICK)
+                self._wake.clear()
+                try:
+                    self.run_once()
+                except Exception:
+                    log.exception("dispatcher pass failed; retrying")
+        finally:
+            self._running = False
+            tasks = [n.task for n in self.nodes.values() if n.task is not None]
+            for node in self.nodes.values():
+                self._stop(node)
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     def run_once(self) -> int:
         """Requeue jobs of lost hosts, then place what fits; returns jobs dispatched."""
+        self._drop_silent()
         running = self.store.by_status(Status.RUNNING)
         if self._requeue_lost(running):
             running = self.store.by_status(Status.RUNNING)
-        busy: dict[str, set[int]] = {}
-        for job in running:
-            if job.node is not None:
-                busy.setdefault(job.node, set()).update(job.gpus)
-        for host, gpus in self.lingering.values():
-            busy.setdefault(host, set()).update(gpus)
-        usable = {
-            name: host.gpus
-            for name, host in self.hosts.items()
-            if not host.drain and name in self.links and self.links[name].connected
-        }
-        free = scheduler.free_gpus(usable, busy)
-        slots = sum(len(g) for g in free.values())
-        if not slots:
-            return 0
-        queue = [scheduler.Queued(j.id) for j in self.store.by_status(Status.PENDING, slots)]
-        placed = scheduler.place(queue, free)
-        for assignment in placed:
+        self._retire(running)
+        self.plan = self._plan(running)
+        for assignment in self.plan.assignments:
             self._dispatch(assignment)
-        return len(placed)
+        return len(self.plan.assignments)
+
+    def queued(self, row: store.QueuedRow) -> scheduler.Queued:
+        profile = self.inventory.profile_of_job(row.competition_id)
+        return scheduler.Queued(
+            job_id=row.id, user_id=row.user_id, gpus=row.gpu_count, labels=profile.labels,
+            time_limit=row.time_limit + self.settings.grace, expected_time=row.expected_time,
+        )
+
+    def _plan(self, running: list[store.Job]) -> scheduler.Plan:
+        now = self.clock()
+        timeout = self.settings.heartbeat_timeout
+        busy = []
+        for job in running:
+            if job.node is None:
+                continue
+            start = job.started_at or self.dispatched_at.get(job.id, now)
+            busy.append(scheduler.Busy(
+                host=job.node, gpus=job.gpus, user_id=job.user_id,
+                ends_by=start + job.time_limit + self.settings.grace,
+                expected_end=start + job.expected_time))
+        for host, gpus in self.lingering.values():
+            busy.append(scheduler.Busy(host=host, gpus=gpus))
+        busy += [b for n in self.nodes.values() if (b := n.dirty_busy()) is not None]
+        hosts = [n.view(now, timeout) for n in self.nodes.values()]
+        queue = [self.queued(row) for row in self.store.queue()]
+        return scheduler.plan(queue, hosts, busy, now)
+
+    def waiting(self, job: store.Job) -> scheduler.Waiting | None:
+        """Where a pending job stands: position, pending reason, estimated start."""
+        if job.status is not Status.PENDING:
+            return None
+        if job.id not in self.plan.waiting:
+            # Submitted since the last pass: plan again (placing nothing here).
+            self.plan = scheduler.Plan(
+                self.plan.assignments,
+                self._plan(self.store.by_status(Status.RUNNING)).waiting)
+        return self.plan.waiting.get(job.id)
+
+    def _drop_silent(self) -> None:
+        """A connected host silent past the heartbeat timeout is down: reconnect to it."""
+        now = self.clock()
+        for node in self.nodes.values():
+            if node.link.connected and node.silent(now, self.settings.heartbeat_timeout):
+                log.warning("host %s: no heartbeat for %.0f s; marked down, reconnecting",
+                            node.name, now - (node.last_heard or now))
+                node.link.drop(f"no heartbeat for {now - (node.last_heard or now):.0f} s")
 
     def _dispatch(self, assignment: scheduler.Assignment) -> None:
         job = self.store.dispatch(
@@ -145,6 +259,7 @@ class Dispatcher:
         )
         self.dispatched_at[job.id] = self.clock()
         code, config = self.store.payload(job.id)
+        profile = self.inventory.profile_of_job(job.competition_id)
         run = messages.RunJob(
             job_id=job.id,
             attempt=job.attempt,
@@ -152,14 +267,15 @@ class Dispatcher:
             config=config,
             gpus=assignment.gpus,
             competition_id=job.competition_id,
-            image=self.inventory.image_for(job.competition_id),
-            network=self.inventory.network_for(job.competition_id),
+            image=profile.image,
+            network=profile.network,
+            mounts=tuple(m.wire() for m in profile.mounts),
             time_limit=job.time_limit,
             grace=self.settings.grace,
             output_cap=self.settings.output_cap,
         )
         try:
-            self.links[assignment.host].send(run)
+            self.nodes[assignment.host].link.send(run)
         except agents.LinkDown as exc:
             log.info("job %s not sent: %s; back to the queue", job.id, exc)
             self.store.requeue(job.id, job.attempt, str(exc), self.settings.max_retries,
@@ -170,14 +286,12 @@ class Dispatcher:
         now = self.clock()
         requeued = False
         for job in running:
-            link = self.links.get(job.node or "")
-            if link is None:
+            node = self.nodes.get(job.node or "")
+            since = node.down_since(now, self.settings.heartbeat_timeout) if node else None
+            if node is None:
                 why = f"host {job.node} is no longer in the inventory"
-            elif (
-                link.down_since is not None
-                and now - link.down_since > self.settings.node_lost_after
-            ):
-                why = f"host {job.node} unreachable for {now - link.down_since:.0f} s"
+            elif since is not None and now - since > self.settings.node_lost_after:
+                why = f"node lost: host {job.node} down for {now - since:.0f} s"
             else:
                 continue
             self._requeue(job, why)
@@ -208,12 +322,12 @@ class Dispatcher:
             return job
         if job.status is not Status.RUNNING:
             raise errors.Conflict(f"Job already finished with status {job.status}")
-        link = self.links.get(job.node or "")
+        node = self.nodes.get(job.node or "")
         try:
-            if link is None:
+            if node is None:
                 raise agents.LinkDown(f"host {job.node} is not in the inventory")
             job = self.store.request_cancel(job.id, job.attempt)
-            link.send(messages.Cancel(job_id=job.id, attempt=job.attempt))
+            node.link.send(messages.Cancel(job_id=job.id, attempt=job.attempt))
         except agents.LinkDown as exc:
             # Its host is unreachable: the job is cancelled here, and the agent is told to
             # stop it when it reconnects (reconcile cancels attempts the controller dropped).
@@ -236,6 +350,13 @@ class Dispatcher:
                 del self.lingering[key]
 
     def on_connected(self, link: agents.Link, hello: messages.Hello) -> None:
+        node = self.node_of(link)
+        if node is None:
+            return
+        node.hello, node.dirty, node.last_heard = hello, hello.dirty, self.clock()
+        node.refresh()
+        for problem in node.problems:
+            log.warning("host %s: %s", node.name, problem)
         held = {(h.job_id, h.attempt): h for h in hello.jobs}
         for job in self.store.by_status(Status.RUNNING):
             if job.node != link.name:
@@ -257,10 +378,15 @@ class Dispatcher:
         self.wake()
 
     def on_disconnected(self, link: agents.Link) -> None:
-        log.warning("agent %s disconnected", link.name)
+        if self.node_of(link) is not None:
+            log.warning("agent %s disconnected", link.name)
         self.wake()
 
     def on_message(self, link: agents.Link, msg: messages.Up) -> None:
+        node = self.node_of(link)
+        if node is None:
+            return  # a link the inventory replaced: its reports are stale
+        node.last_heard = self.clock()
         try:
             match msg:
                 case messages.Started():
@@ -278,6 +404,7 @@ class Dispatcher:
             log.info("ignored a stale report: %s", exc)
 
     def _heartbeat(self, link: agents.Link, beat: messages.Heartbeat) -> None:
+        self._set_dirty(link, beat.dirty)
         self._forget_ended(link.name, beat.jobs)
         held = {(h.job_id, h.attempt) for h in beat.jobs}
         now = self.clock()
@@ -287,7 +414,18 @@ class Dispatcher:
                     and sent is not None and now - sent > UNHELD_AFTER):
                 self._requeue(job, f"agent {link.name} does not hold it")
 
+    def _set_dirty(self, link: agents.Link, dirty: tuple[messages.DirtyGPU, ...]) -> None:
+        node = self.node_of(link)
+        if node is None or node.dirty == dirty:
+            return
+        for gpu in dirty:
+            if gpu not in node.dirty:
+                log.warning("host %s: GPU %d held back: %s", node.name, gpu.index, gpu.detail)
+        node.dirty = dirty
+        self.wake()
+
     def _exited(self, link: agents.Link, msg: messages.Exited) -> None:
+        self._set_dirty(link, msg.dirty)
         self.lingering.pop((msg.job_id, msg.attempt), None)
         job = self.store.get(msg.job_id)
         if (
@@ -333,3 +471,8 @@ class Dispatcher:
             link.send(msg)
         except agents.LinkDown as exc:
             log.info("could not send %s: %s", type(msg).__name__, exc)
+
+
+def _endpoint(host: inventory_mod.Host) -> tuple[object, ...]:
+    """What a link is made from: a change to any of it means a new connection."""
+    return (host.address, host.port, host.user, host.host_key, host.host_key_file)

@@ -1,20 +1,61 @@
-"""Placement, as a pure function: (queued jobs, free GPUs per host) -> assignments.
+"""Placement, as a pure function: (queued jobs, hosts, busy GPUs, now) -> a plan.
 
-One global FIFO queue: a job goes to any eligible host that has a free GPU, in order
-of submission. Hosts with more free GPUs are preferred, spreading load.
+One global queue for the whole fleet. The plan says which queued jobs start now and on
+which GPUs, and, for every job left waiting, its place in the queue, why it waits and
+when it is expected to start.
+
+* Order: submission order, made fair between users: a user's k-th waiting job ranks
+  after every other user's (k-1)-th, counting jobs they already run. With the default
+  limit of one active job per user this is plain FIFO.
+* A job goes to an up, undrained host that has all the labels its competition asks for
+  and enough free GPUs; of those, the one it fills best (fewest GPUs left over), so
+  large hosts stay whole for multi-GPU jobs. It gets the lowest free indexes.
+* No starvation: a job that does not fit anywhere reserves the eligible host where
+  enough GPUs free up soonest (from the time limits of what runs there). Later jobs
+  may use that host's free GPUs only when they are certain to end before then, or when
+  GPUs are left over for it ("backfill"); they never delay it.
+* Estimates replay the queue on each host's GPUs using the expected times of what runs
+  and what waits ahead.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import math
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from typing import Literal
 
 import msgspec
 from gpujobq.protocol.messages import GPU
 
+HostState = Literal["up", "drained", "down"]
+FORECAST_DEPTH = 2000  # waiting jobs beyond this get no estimated start
 
-class Queued(msgspec.Struct, frozen=True):
+
+class Queued(msgspec.Struct, frozen=True, kw_only=True):
     job_id: str
+    user_id: str = ""
     gpus: int = 1
+    labels: dict[str, str] = {}  # the host must have all of these
+    time_limit: float = math.inf  # it is stopped after this many seconds
+    expected_time: float = 0.0
+
+
+class HostView(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    gpus: tuple[GPU, ...]  # the GPUs jobs may be given (present and clean)
+    labels: dict[str, str] = {}
+    state: HostState = "up"
+
+
+class Busy(msgspec.Struct, frozen=True, kw_only=True):
+    """GPUs taken on a host: by a running job, or by something that may still run."""
+
+    host: str
+    gpus: tuple[int, ...]
+    user_id: str | None = None
+    ends_by: float = math.inf  # it is certain to be over by then (inf: unknown)
+    expected_end: float = math.inf  # when it is expected to be over
 
 
 class Assignment(msgspec.Struct, frozen=True):
@@ -23,27 +64,189 @@ class Assignment(msgspec.Struct, frozen=True):
     gpus: tuple[GPU, ...]
 
 
-def place(queue: Sequence[Queued], free: Mapping[str, Sequence[GPU]]) -> list[Assignment]:
-    """Assign queued jobs, oldest first, while some host has the GPUs they need."""
-    left = {host: list(gpus) for host, gpus in free.items()}
-    out: list[Assignment] = []
-    for job in queue:
-        fitting = [h for h, gpus in left.items() if len(gpus) >= job.gpus]
-        if not fitting:
-            # Strict FIFO: a job that does not fit holds back the ones behind it,
-            # so a big job is never starved by a stream of small ones.
-            break
-        host = max(fitting, key=lambda h: len(left[h]))
-        taken, left[host] = left[host][: job.gpus], left[host][job.gpus :]
-        out.append(Assignment(job_id=job.job_id, host=host, gpus=tuple(taken)))
-    return out
+class Waiting(msgspec.Struct, frozen=True):
+    position: int  # 1 = the next to start
+    reason: str  # the pending_reason: why it has not started
+    estimated_start: float | None  # None: not known (no host can run it soon)
 
 
-def free_gpus(
-    hosts: Mapping[str, Sequence[GPU]], busy: Mapping[str, set[int]]
-) -> dict[str, list[GPU]]:
-    """Each host's GPUs less those held by running jobs."""
-    return {
-        host: [g for g in gpus if g.index not in busy.get(host, set())]
-        for host, gpus in hosts.items()
+class Plan(msgspec.Struct, frozen=True):
+    assignments: list[Assignment]
+    waiting: dict[str, Waiting]
+
+
+def gpus_phrase(n: int) -> str:
+    return "a free GPU" if n == 1 else f"{n} free GPUs on one host"
+
+
+def _labels_phrase(labels: dict[str, str]) -> str:
+    return " with " + ", ".join(f"{k}={v}" for k, v in sorted(labels.items())) if labels else ""
+
+
+def why_never(job: Queued, hosts: Iterable[HostView]) -> str | None:
+    """Why no host of the fleet could ever run this job, or None if one could."""
+    return None if any(_eligible(job, h) for h in hosts) else _no_host(job)
+
+
+def _no_host(job: Queued) -> str:
+    plural = "s" if job.gpus != 1 else ""
+    return f"no host has {job.gpus} GPU{plural}{_labels_phrase(job.labels)}"
+
+
+def _eligible(job: Queued, host: HostView) -> bool:
+    return len(host.gpus) >= job.gpus and all(
+        host.labels.get(k) == v for k, v in job.labels.items())
+
+
+def fair_order(queue: Sequence[Queued], busy: Iterable[Busy]) -> list[Queued]:
+    """Submission order, with each user's k-th job after every other user's (k-1)-th."""
+    seen: Counter[str] = Counter(b.user_id for b in busy if b.user_id is not None)
+    ranked = []
+    for seq, job in enumerate(queue):
+        ranked.append((seen[job.user_id], seq, job))
+        seen[job.user_id] += 1
+    ranked.sort(key=lambda r: (r[0], r[1]))
+    return [job for _, _, job in ranked]
+
+
+class _Reservation:
+    def __init__(self, shadow: float, spare: int) -> None:
+        self.shadow = shadow  # when enough GPUs will be free for the job that waits
+        self.spare = spare  # GPUs free then beyond what that job needs
+
+
+def plan(
+    queue: Sequence[Queued], hosts: Sequence[HostView], busy: Sequence[Busy], now: float
+) -> Plan:
+    """Who starts now where, and for each job left waiting: position, reason, estimate."""
+    order = fair_order(queue, busy)
+    taken: dict[str, dict[int, Busy]] = {}
+    for b in busy:
+        for index in b.gpus:
+            taken.setdefault(b.host, {})[index] = b
+    free = {h.name: [g for g in h.gpus if g.index not in taken.get(h.name, {})] for h in hosts}
+    up = [h for h in hosts if h.state == "up"]
+    eligible_cache: dict[tuple[int, tuple[tuple[str, str], ...]], list[HostView]] = {}
+
+    def eligible(job: Queued) -> list[HostView]:
+        key = (job.gpus, tuple(sorted(job.labels.items())))
+        if key not in eligible_cache:
+            eligible_cache[key] = [h for h in hosts if _eligible(job, h)]
+        return eligible_cache[key]
+
+    reservations: dict[str, _Reservation] = {}
+    assignments: list[Assignment] = []
+    unplaced: list[tuple[Queued, str]] = []
+    for job in order:
+        hosts_for_job = eligible(job)
+        reason = _blocked(job, hosts_for_job)
+        if reason is None:
+            fits = [h for h in hosts_for_job
+                    if h.state == "up" and len(free[h.name]) >= job.gpus
+                    and _may_use(reservations.get(h.name), job, now)]
+            if fits:
+                host = min(fits, key=lambda h: (len(free[h.name]) - job.gpus,
+                                                h.name in reservations, h.name))
+                _charge(reservations.get(host.name), job, now)
+                got, free[host.name] = free[host.name][: job.gpus], free[host.name][job.gpus:]
+                assignments.append(Assignment(job.job_id, host.name, tuple(got)))
+                started = Busy(host=host.name, gpus=tuple(g.index for g in got),
+                               user_id=job.user_id, ends_by=now + job.time_limit,
+                               expected_end=now + job.expected_time)
+                taken.setdefault(host.name, {}).update(dict.fromkeys(started.gpus, started))
+                continue
+            _reserve(job, hosts_for_job, free, taken, reservations)
+            reason = f"waiting for {gpus_phrase(job.gpus)}"
+        unplaced.append((job, reason))
+
+    estimates = _forecast(unplaced, up, taken, now)
+    waiting = {
+        job.job_id: Waiting(i, reason, estimates.get(job.job_id))
+        for i, (job, reason) in enumerate(unplaced, start=1)
     }
+    return Plan(assignments, waiting)
+
+
+def _blocked(job: Queued, hosts_for_job: list[HostView]) -> str | None:
+    """Why the job cannot start on any host as the fleet stands, beyond busy GPUs."""
+    if not hosts_for_job:
+        return _no_host(job)
+    states = {h.state for h in hosts_for_job}
+    if "up" in states:
+        return None
+    if states == {"drained"}:
+        return "all eligible hosts drained"
+    if states == {"down"}:
+        return "all eligible hosts down"
+    return "all eligible hosts drained or down"
+
+
+def _may_use(res: _Reservation | None, job: Queued, now: float) -> bool:
+    return res is None or now + job.time_limit <= res.shadow or job.gpus <= res.spare
+
+
+def _charge(res: _Reservation | None, job: Queued, now: float) -> None:
+    if res is not None and now + job.time_limit > res.shadow:
+        res.spare -= job.gpus  # it may still run when the reserved job is due
+
+
+def _reserve(
+    job: Queued,
+    hosts_for_job: list[HostView],
+    free: dict[str, list[GPU]],
+    taken: dict[str, dict[int, Busy]],
+    reservations: dict[str, _Reservation],
+) -> None:
+    """Hold the eligible host where the job could start soonest for it (one per host)."""
+    best: tuple[float, str, int] | None = None
+    for host in hosts_for_job:
+        if host.state != "up" or host.name in reservations:
+            continue
+        free_now = {g.index for g in free[host.name]}
+        times = sorted(
+            -math.inf if g.index in free_now
+            else taken.get(host.name, {}).get(g.index, Busy(host="", gpus=())).ends_by
+            for g in host.gpus
+        )
+        shadow = times[job.gpus - 1]
+        if math.isinf(shadow) and shadow > 0:
+            continue  # it never frees up for sure: reserving would hold nothing back
+        spare = sum(1 for t in times if t <= shadow) - job.gpus
+        if best is None or (shadow, host.name) < best[:2]:
+            best = (shadow, host.name, spare)
+    if best is not None:
+        reservations[best[1]] = _Reservation(best[0], best[2])
+
+
+def _forecast(
+    unplaced: list[tuple[Queued, str]],
+    up: list[HostView],
+    taken: dict[str, dict[int, Busy]],
+    now: float,
+) -> dict[str, float]:
+    """When each waiting job is expected to start: replay the queue on expected times."""
+    free_at: dict[str, dict[int, float]] = {}
+    for host in up:
+        free_at[host.name] = {
+            g.index: max(now, taken.get(host.name, {}).get(
+                g.index, Busy(host="", gpus=(), expected_end=now)).expected_end)
+            for g in host.gpus
+        }
+    out: dict[str, float] = {}
+    for job, _ in unplaced[:FORECAST_DEPTH]:
+        best: tuple[float, str] | None = None
+        for host in up:
+            slots = free_at[host.name]
+            if not _eligible(job, host) or len(slots) < job.gpus:
+                continue
+            start = sorted(slots.values())[job.gpus - 1]
+            if best is None or (start, host.name) < best:
+                best = (start, host.name)
+        if best is None or math.isinf(best[0]):
+            continue
+        start, name = best
+        slots = free_at[name]
+        for index in sorted(slots, key=lambda i: slots[i])[: job.gpus]:
+            slots[index] = start + job.expected_time
+        out[job.job_id] = start
+    return out

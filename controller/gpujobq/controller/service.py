@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 
-from gpujobq.controller import accounts, dispatcher, errors, ratelimit, store
+from gpujobq.controller import accounts, dispatcher, errors, ratelimit, scheduler, store
 from gpujobq.controller.settings import Settings
 from gpujobq.protocol import jobconfig
 from gpujobq.protocol.states import TERMINAL, Status
@@ -37,12 +37,21 @@ class JobService:
             raise errors.Unauthorized("Invalid or expired token")
         return user
 
-    def time_limit(self, expected_time: float) -> float:
-        return min(expected_time * self.settings.time_limit_factor, self.settings.max_time_limit)
-
     def submit(
         self, config: jobconfig.JobConfig, code: bytes, idempotency_key: str | None
     ) -> store.Job:
+        inv = self.dispatcher.inventory
+        profile = inv.profile(config.competition_id)
+        if profile is None:
+            known = ", ".join(sorted(inv.competitions)) or "none"
+            raise errors.BadRequest(
+                f"Unknown competition_id '{config.competition_id}' (this server runs: {known})")
+        gpus = config.gpus or profile.gpus
+        if gpus > profile.max_gpus:
+            raise errors.BadRequest(
+                f"gpus: {gpus} requested, but a job of competition "
+                f"'{config.competition_id}' may use at most {profile.max_gpus}")
+        self._runnable(scheduler.Queued(job_id="", gpus=gpus, labels=profile.labels))
         job, created = self.store.submit(
             store.NewJob(
                 id=str(uuid.uuid4()),
@@ -50,9 +59,11 @@ class JobService:
                 competition_id=config.competition_id,
                 project_id=config.project_id,
                 expected_time=config.expected_time,
-                time_limit=self.time_limit(config.expected_time),
+                time_limit=min(config.expected_time * self.settings.time_limit_factor,
+                               profile.time_cap),
                 code=code,
                 config=jobconfig.for_job(config),
+                gpu_count=gpus,
                 idempotency_key=idempotency_key,
             ),
             self.limits,
@@ -60,6 +71,20 @@ class JobService:
         if created:
             self.dispatcher.wake()
         return job
+
+    def _runnable(self, job: scheduler.Queued) -> None:
+        """Refuse a job that no host of the fleet could ever run (drained or down count)."""
+        views = []
+        for node in self.dispatcher.nodes.values():
+            if node.removing:
+                continue
+            gpus = node.known_gpus()
+            if gpus is None:
+                return  # a host whose GPUs are not known yet might run it
+            views.append(scheduler.HostView(name=node.name, gpus=gpus, labels=node.host.labels))
+        why = scheduler.why_never(job, views)
+        if why is not None:
+            raise errors.BadRequest(f"No host can ever run this job: {why}")
 
     def job_of(self, job_id: str, user_id: str) -> store.Job:
         job = self.store.get(job_id)

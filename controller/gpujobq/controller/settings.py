@@ -22,9 +22,8 @@ class Settings(msgspec.Struct, kw_only=True):
     submit_window: float = 60.0
     active_limit: int = 1
     # A job may run for time_limit_factor x expected_time (the original used 2x), at most
-    # max_time_limit seconds; then SIGTERM, `grace` seconds, SIGKILL.
+    # its competition's time_cap (inventory.yaml); then SIGTERM, `grace` seconds, SIGKILL.
     time_limit_factor: float = 2.0
-    max_time_limit: float = 24 * 3600.0
     grace: float = 10.0
     output_cap: int = 1 << 20  # bytes kept per stream (head and tail, marker between)
     max_upload: int = 5 << 20  # bytes of one submit request
@@ -33,4 +32,8 @@ class Settings(msgspec.Struct, kw_only=True):
     keepalive: float = 10.0
     backoff_max: float = 30.0
     node_lost_after: float = 120.0
+    # A connected host not heard from (heartbeats come every 5 s) for this long is down.
+    heartbeat_timeout: float = 20.0
+    # How often inventory.yaml is checked for changes (it is also reloaded on SIGHUP).
+    inventory_poll: float = 2.0
     max_retries: int = 2  # platform failures requeue a job at most this many times

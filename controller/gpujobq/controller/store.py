@@ -20,7 +20,7 @@ from gpujobq.protocol.states import TERMINAL, Reason, Status
 _COLUMNS = (
     "id, user_id, competition_id, project_id, expected_time, time_limit, status, reason,"
     " detail, attempt, retries, node, gpus, cancel_requested, created_at, started_at,"
-    " completed_at, exit_code, stdout, stderr, seq"
+    " completed_at, exit_code, stdout, stderr, seq, gpu_count"
 )
 
 
@@ -46,6 +46,18 @@ class Job(msgspec.Struct, frozen=True):
     stdout: bytes
     stderr: bytes
     seq: int
+    gpu_count: int
+
+
+class QueuedRow(msgspec.Struct, frozen=True, array_like=True):
+    """What placement needs of a pending job (no code, no output)."""
+
+    id: str
+    user_id: str
+    competition_id: str
+    gpu_count: int
+    time_limit: float
+    expected_time: float
 
 
 class Summary(msgspec.Struct, frozen=True):
@@ -65,6 +77,7 @@ class NewJob(msgspec.Struct, frozen=True, kw_only=True):
     time_limit: float
     code: bytes
     config: bytes
+    gpu_count: int = 1
     idempotency_key: str | None = None
 
 
@@ -114,14 +127,13 @@ class Store:
         args.append(limit)
         return [Summary(*r) for r in self.db.execute(sql, args)]
 
-    def queue_position(self, job: Job) -> int | None:
-        """1 for the next job to start; None unless pending."""
-        if job.status is not Status.PENDING:
-            return None
-        row = self.db.execute(
-            "SELECT COUNT(*) FROM jobs WHERE status = 'pending' AND seq <= ?", [job.seq]
-        ).fetchone()
-        return int(row[0])
+    def queue(self) -> list[QueuedRow]:
+        """Every pending job, in submission order."""
+        rows = self.db.execute(
+            "SELECT id, user_id, competition_id, gpu_count, time_limit, expected_time"
+            " FROM jobs WHERE status = 'pending' ORDER BY seq"
+        ).fetchall()
+        return msgspec.convert(rows, list[QueuedRow])
 
     def events(self, job_id: str) -> list[dict[str, Any]]:
         return list(
@@ -185,10 +197,11 @@ class Store:
                 )
             self.db.execute(
                 "INSERT INTO jobs (id, user_id, competition_id, project_id, expected_time,"
-                " time_limit, status, code, config, idempotency_key, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?)",
+                " time_limit, status, code, config, gpu_count, idempotency_key, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?)",
                 [new.id, new.user_id, new.competition_id, new.project_id, new.expected_time,
-                 new.time_limit, new.code, new.config, new.idempotency_key, now],
+                 new.time_limit, new.code, new.config, new.gpu_count, new.idempotency_key,
+                 now],
             )
             self._event(new.id, 0, None, Status.PENDING, now, "submitted", None)
         job = self.get(new.id)

@@ -29,6 +29,8 @@ class JobConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     user_id: Ident
     expected_time: Annotated[float, msgspec.Meta(gt=0, le=MAX_EXPECTED_TIME)]
     token: str | None = None
+    # GPUs this job needs on one host; left out, its competition's default (usually 1).
+    gpus: Annotated[int, msgspec.Meta(ge=1, le=1024)] | None = None
 
 
 class ConfigError(ValueError):
@@ -60,6 +62,8 @@ def for_job(config: JobConfig) -> bytes:
     """config.yaml as the job sees it: the fields it sent, never the token."""
     fields: dict[str, Any] = msgspec.structs.asdict(config)
     fields.pop("token", None)
+    if fields["gpus"] is None:
+        del fields["gpus"]
     return yaml.safe_dump(fields, sort_keys=False).encode()
 
 

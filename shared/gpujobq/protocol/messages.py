@@ -24,6 +24,23 @@ class GPU(msgspec.Struct, frozen=True, kw_only=True):
     index: int
     uuid: str | None = None
     virtual: bool = False
+    name: str = ""  # as NVML names it ("NVIDIA H100 80GB HBM3"); "" when not discovered
+    memory: int = 0  # bytes, as NVML reports; 0 when not discovered
+
+
+class Mount(msgspec.Struct, frozen=True, kw_only=True):
+    """A host folder the job sees read-only at ``target`` (a competition's data)."""
+
+    source: str
+    target: str
+
+
+class DirtyGPU(msgspec.Struct, frozen=True, kw_only=True):
+    """A GPU the agent holds back: processes are still on it after its job ended."""
+
+    index: int
+    pids: tuple[int, ...] = ()
+    detail: str = ""
 
 
 # ---- controller -> agent -------------------------------------------------------------
@@ -38,6 +55,7 @@ class RunJob(Msg, tag="run", frozen=True, kw_only=True):
     competition_id: str = ""
     image: str = ""  # container image; "" means the agent's default
     network: bool = False  # containers get no network unless the competition allows it
+    mounts: tuple[Mount, ...] = ()  # read-only data folders
     time_limit: float  # seconds of wall time before the job is stopped
     grace: float = 10.0  # seconds between SIGTERM and SIGKILL
     output_cap: int = 1 << 20  # bytes kept per stream
@@ -98,6 +116,7 @@ class Exited(Msg, tag="exited", frozen=True, kw_only=True):
     stderr: bytes = b""
     detail: str = ""  # for infra errors: what went wrong, in words
     files: tuple[OutputFile, ...] = ()
+    dirty: tuple[DirtyGPU, ...] = ()  # the host's held-back GPUs, checked after this job
 
 
 class HeldJob(msgspec.Struct, frozen=True, kw_only=True):
@@ -109,6 +128,7 @@ class HeldJob(msgspec.Struct, frozen=True, kw_only=True):
 class Heartbeat(Msg, tag="heartbeat", frozen=True, kw_only=True):
     at: float
     jobs: tuple[HeldJob, ...] = ()
+    dirty: tuple[DirtyGPU, ...] = ()  # GPUs held back: not to be given to a job
 
 
 Up = Started | Output | Exited | Heartbeat
@@ -120,8 +140,10 @@ class Hello(msgspec.Struct, frozen=True, kw_only=True):
     version: int = PROTOCOL_VERSION
     host: str
     runtime: str
-    gpus: tuple[GPU, ...] = ()
+    gpus: tuple[GPU, ...] = ()  # what NVML found (empty where there is no NVML)
+    nvml: bool = False  # whether the agent could ask NVML at all
     jobs: tuple[HeldJob, ...] = ()
+    dirty: tuple[DirtyGPU, ...] = ()
 
 
 class ProtocolError(Exception):
