@@ -80,7 +80,9 @@ class Agent:
 
 
 class Cluster:
-    def __init__(self, root: pathlib.Path, agents: int = 1, gpus: int = 2,
+    """``gpus``: GPUs of every agent, or a list with one count per agent."""
+
+    def __init__(self, root: pathlib.Path, agents: int = 1, gpus: int | list[int] = 2,
                  agent_args: tuple[str, ...] = ("--runtime", "process"), gpu_specs: str = "",
                  inventory_extra: str = "", **settings: Any) -> None:
         self.root = root
@@ -89,30 +91,59 @@ class Cluster:
         self.results_dir = root / "results"
         self.client_key = root / "controller" / "id_ed25519"
         sshkeys.ensure_private_key(self.client_key, comment="test controller")
-        pub = pathlib.Path(f"{self.client_key}.pub").read_bytes()
-        self.agents = [Agent(root, f"node{i}", f"127.0.0.{i + 2}", pub, list(agent_args))
-                       for i in range(agents)]
+        self.agent_args = list(agent_args)
+        self.agents: list[Agent] = []
+        counts = gpus if isinstance(gpus, list) else [gpus] * agents
+        self.gpu_counts: dict[str, int] = {}
+        for count in counts:
+            self.add_agent(count)
+        self.gpu_specs = gpu_specs
+        self.inventory_extra = inventory_extra
         self.inventory = root / "inventory.yaml"
-        self.inventory.write_text(self._inventory(gpus, gpu_specs) + inventory_extra)
+        self.write_inventory()
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.settings = {"grace": 1, **settings}
         self.proc: subprocess.Popen[bytes] | None = None
         self._db = database.open_database(self.db_path)
 
-    def _inventory(self, gpus: int, gpu_specs: str) -> str:
-        lines = ["hosts:"]
-        for a in self.agents:
-            lines += [
-                f"  - name: {a.name}",
-                f"    address: {a.address}",
-                f"    port: {a.port}",
-                f"    host_key_file: {a.host_key}.pub",
-                "    gpus:",
-                *([gpu_specs] if gpu_specs else
-                  (f"      - {{index: {i}, virtual: true}}" for i in range(gpus))),
-            ]
+    def add_agent(self, gpus: int) -> Agent:
+        """A new agent on the next loopback address (not in the inventory until written)."""
+        pub = pathlib.Path(f"{self.client_key}.pub").read_bytes()
+        n = len(self.agents)
+        agent = Agent(self.root, f"node{n}", f"127.0.0.{n + 2}", pub, self.agent_args)
+        self.agents.append(agent)
+        self.gpu_counts[agent.name] = gpus
+        return agent
+
+    def host_entry(self, agent: Agent, labels: dict[str, str] | None = None,
+                   **extra: Any) -> str:
+        """One host of the inventory; every host has the label ``name: <its name>``."""
+        labels = {"name": agent.name, **(labels or {})}
+        lines = [
+            f"  - name: {agent.name}",
+            f"    address: {agent.address}",
+            f"    port: {agent.port}",
+            f"    host_key_file: {agent.host_key}.pub",
+            "    labels: {" + ", ".join(f"{k}: {v}" for k, v in labels.items()) + "}",
+            "    gpus:",
+            *([self.gpu_specs] if self.gpu_specs else
+              (f"      - {{index: {i}, virtual: true}}"
+               for i in range(self.gpu_counts[agent.name]))),
+            *(f"    {key}: {value}" for key, value in extra.items()),
+        ]
         return "\n".join(lines) + "\n"
+
+    def write_inventory(self, agents: list[Agent] | None = None, extra: str | None = None,
+                        **per_host: dict[str, Any]) -> None:
+        """inventory.yaml with these agents (default: all), ``per_host`` fields by name."""
+        chosen = self.agents if agents is None else agents
+        text = "hosts:\n" + "".join(
+            self.host_entry(a, **per_host.get(a.name, {})) for a in chosen)
+        text += self.inventory_extra if extra is None else extra
+        tmp = self.inventory.with_suffix(".tmp")
+        tmp.write_text(text)
+        tmp.replace(self.inventory)  # atomic, as an admin's editor or deploy tool would
 
     def start(self) -> Cluster:
         for agent in self.agents:
@@ -162,10 +193,27 @@ class Cluster:
 
     # ---- helpers for tests ---------------------------------------------------------
 
-    def user(self, prefix: str = "u") -> User:
+    def user(self, prefix: str = "u", admin: bool = False) -> User:
         name = f"{prefix}-{uuid.uuid4().hex[:10]}"
-        accounts.add_user(self._db, name, time.time())
+        accounts.add_user(self._db, name, time.time(), admin=admin)
         return User(name, accounts.issue_token(self._db, name, time.time(), days=1))
+
+    def nodes(self, admin: User) -> dict[str, Any]:
+        r = requests.get(f"{self.url}/api/admin/nodes", headers=admin.headers, timeout=30)
+        assert r.status_code == 200, r.text
+        body: dict[str, Any] = r.json()
+        return body
+
+    def wait_nodes(self, admin: User, check: Any, timeout: float = 30) -> dict[str, Any]:
+        """/api/admin/nodes once ``check(hosts by name)`` holds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            fleet = self.nodes(admin)
+            if check({h["name"]: h for h in fleet["hosts"]}):
+                return fleet
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"fleet never got there: {fleet}")
+            time.sleep(0.1)
 
     def submit(
         self,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pathlib
 import posixpath
+import re
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -167,10 +168,23 @@ def loads(raw: bytes, where: str = "inventory") -> Inventory:
     try:
         data = yamlsafe.load(raw, max_bytes=4 << 20)
         inv = msgspec.convert(data or {}, Inventory, strict=True)
-    except (yamlsafe.YAMLError, msgspec.ValidationError) as exc:
+    except yamlsafe.YAMLError as exc:
         raise InventoryError(f"{where}: {exc}") from exc
+    except msgspec.ValidationError as exc:
+        raise InventoryError(f"{where}: {_with_path(str(exc))}") from exc
     _check(where, inv)
     return inv
+
+
+_UNKNOWN = re.compile(r"Object contains unknown field `(.+)` - at `(.+)`")
+
+
+def _with_path(message: str) -> str:
+    """msgspec names an unknown field's parent; an admin wants the typo's own path."""
+    match = _UNKNOWN.fullmatch(message)
+    if match:
+        return f"unknown field `{match[2]}.{match[1]}`"
+    return message
 
 
 def _check(path: str, inv: Inventory) -> None:
