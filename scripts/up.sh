@@ -83,6 +83,9 @@ Submit a job:
   curl -X POST "$URL/api/submit" -H "Authorization: Bearer $TOKEN" -F "code=@var/demo/solution.py" -F "config_file=@var/demo/config.yaml"
 List your jobs:
   curl -H "Authorization: Bearer $TOKEN" "$URL/api/jobs?user_id=demo"
+The fleet (hosts, GPUs, the job on each), and reloading inventory.yaml after an edit:
+  .venv/bin/gpujobq-controller nodes
+  .venv/bin/gpujobq-controller reload
 
 Press Ctrl-C to stop.
 MSG

@@ -105,6 +105,12 @@ def test_make_up_script(tmp_path: pathlib.Path) -> None:
         body = json.loads(run.stdout)
         assert body["status"] == "completed"
         assert body["stdout"].startswith("Hello from GPU")
+        # The printed admin command works as printed, from the project folder, no token.
+        nodes = next(line.strip() for line in lines if line.strip().endswith("controller nodes"))
+        fleet = subprocess.run(shlex.split(nodes.replace(".venv/bin", str(BIN))), cwd=project,
+                               env=env, capture_output=True, text=True, timeout=60)
+        assert fleet.returncode == 0, fleet.stderr
+        assert re.search(r"^local +up +127\.0\.0\.1:\d+ ", fleet.stdout, re.M), fleet.stdout
         first_token = re.search(r"Bearer (gjq_[^\"]+)", submit).group(1)
     finally:
         down(proc)

@@ -24,6 +24,8 @@ AGENT = ("--runtime", "docker", "--memory", str(256 * MiB), "--pids", "64", "--c
 COMPETITIONS = """competitions:
   ghost:
     image: gpujobq-missing:never-built
+  with-data:
+    mounts: [{{source: {data}, target: /data}}]
 """
 
 
@@ -31,7 +33,12 @@ COMPETITIONS = """competitions:
 def dc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     require_docker()
     root = tmp_path_factory.mktemp("docker")
-    with cluster_mod.running(root, agent_args=AGENT, inventory_extra=COMPETITIONS) as c:
+    data = root / "data"
+    data.mkdir(mode=0o755)
+    (data / "train.csv").write_text("x,y\n1,2\n")
+    data.chmod(0o755)
+    extra = COMPETITIONS.format(data=data)
+    with cluster_mod.running(root, agent_args=AGENT, inventory_extra=extra) as c:
         yield c
 
 
@@ -323,3 +330,19 @@ async def test_a_repeated_run_of_one_attempt_never_starts_a_second_container(
     assert first.stdout == second.stdout == b"done\n"
     assert [(f.name, f.data) for f in first.files] == [("runs", b"x")]
     assert leftover_containers() == []
+
+
+def test_competition_data_is_mounted_read_only(dc: Cluster, user: User) -> None:
+    code = (
+        "import errno\n"
+        "print(open('/data/train.csv').read(), end='')\n"
+        "try:\n"
+        "    open('/data/new.csv', 'w')\n"
+        "except OSError as e:\n"
+        "    print('write refused:', errno.errorcode[e.errno])\n"
+    )
+    r = dc.submit(user, code, competition_id="with-data")
+    body = r.json()
+    assert (r.status_code, body["exit_code"]) == (200, 0), body
+    assert body["stdout"] == "x,y\n1,2\nwrite refused: EROFS\n"
+    check_healthy_after(dc)

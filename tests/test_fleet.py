@@ -290,3 +290,16 @@ def test_pending_reason_when_the_only_eligible_host_is_down(fleet: Cluster,
     finally:
         agent.proc.send_signal(signal.SIGCONT)
     assert finish(fleet, user, job_id, timeout=60)["status"] == "completed"
+
+
+def test_sighup_reloads_at_once(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """With polling far off, SIGHUP alone applies an edit (`systemctl reload`)."""
+    root = tmp_path_factory.mktemp("sighup")
+    with cluster_mod.running(root, inventory_poll=3600) as c:
+        admin = c.user("admin", admin=True)
+        c.write_inventory(node0={"drain": "true"})
+        time.sleep(0.5)
+        assert c.nodes(admin)["hosts"][0]["state"] == "up"  # not polled
+        assert c.proc is not None
+        c.proc.send_signal(signal.SIGHUP)
+        c.wait_nodes(admin, lambda h: h["node0"]["state"] == "drained", timeout=10)

@@ -107,3 +107,12 @@ def test_never_privileged_never_the_docker_socket_never_host_namespaces() -> Non
                                                    "userns_mode", "uts_mode"))
     writable = [m["Target"] for m in spec["mounts"] if not m["ReadOnly"]]
     assert writable == ["/output"]
+
+
+def test_competition_data_is_bound_read_only_after_the_job_folders() -> None:
+    run = messages.RunJob(job_id="j1", attempt=3, code=b"", config=b"", time_limit=10,
+                          mounts=(messages.Mount(source="/srv/cifar", target="/data"),))
+    mounts = build(run)["mounts"]
+    assert mounts[2:] == [Mount(target="/data", source="/srv/cifar", type="bind",
+                                read_only=True)]
+    assert [m["Target"] for m in mounts[:2]] == ["/job", "/output"]
