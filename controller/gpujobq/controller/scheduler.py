@@ -124,7 +124,8 @@ def plan(
     for b in busy:
         for index in b.gpus:
             taken.setdefault(b.host, {})[index] = b
-    free = {h.name: [g for g in h.gpus if g.index not in taken.get(h.name, {})] for h in hosts}
+    free = {h.name: sorted((g for g in h.gpus if g.index not in taken.get(h.name, {})),
+                           key=lambda g: g.index) for h in hosts}
     up = [h for h in hosts if h.state == "up"]
     eligible_cache: dict[tuple[int, tuple[tuple[str, str], ...]], list[HostView]] = {}
 

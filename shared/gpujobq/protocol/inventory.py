@@ -171,12 +171,28 @@ def loads(raw: bytes, where: str = "inventory") -> Inventory:
     except yamlsafe.YAMLError as exc:
         raise InventoryError(f"{where}: {exc}") from exc
     except msgspec.ValidationError as exc:
-        raise InventoryError(f"{where}: {_with_path(str(exc))}") from exc
+        raise InventoryError(f"{where}: {_with_path(_which_competition(data, exc))}") from exc
     _check(where, inv)
     return inv
 
 
 _UNKNOWN = re.compile(r"Object contains unknown field `(.+)` - at `(.+)`")
+
+
+def _which_competition(data: Any, exc: msgspec.ValidationError) -> str:
+    """msgspec writes a mapping's key as `[...]`: name the competition at fault."""
+    message = str(exc)
+    if "$.competitions[...]" not in message or not isinstance(data, dict):
+        return message
+    for name, comp in (data.get("competitions") or {}).items():
+        try:
+            msgspec.convert(comp, Competition, strict=True)
+        except msgspec.ValidationError as inner:
+            text = str(inner)
+            if " - at `$" in text:
+                return text.replace(" - at `$", f" - at `$.competitions.{name}", 1)
+            return f"{text} - at `$.competitions.{name}`"
+    return message
 
 
 def _with_path(message: str) -> str:
@@ -185,6 +201,10 @@ def _with_path(message: str) -> str:
     if match:
         return f"unknown field `{match[2]}.{match[1]}`"
     return message
+
+
+# Where the container has its own things: a data mount may not go there.
+RESERVED = ("/job", "/output", "/tmp", "/proc", "/sys", "/dev")
 
 
 def _check(path: str, inv: Inventory) -> None:
@@ -212,11 +232,12 @@ def _check(path: str, inv: Inventory) -> None:
         for j, mount in enumerate(prof.mounts or ()):
             for field in ("source", "target"):
                 value = getattr(mount, field)
-                if not value.startswith("/") or posixpath.normpath(value) != value:
+                # normpath keeps a leading "//" (POSIX allows it a meaning): refuse it.
+                if (not value.startswith("/") or value.startswith("//")
+                        or posixpath.normpath(value) != value):
                     raise InventoryError(
                         f"{where}.mounts[{j}].{field}: must be an absolute, normalised path")
-            if mount.target in ("/job", "/output", "/tmp") or mount.target.startswith(
-                    ("/job/", "/output/", "/tmp/", "/proc", "/sys", "/dev")):
+            if any(mount.target == r or mount.target.startswith(r + "/") for r in RESERVED):
                 raise InventoryError(f"{where}.mounts[{j}].target: {mount.target} is reserved")
         targets = [m.target for m in prof.mounts or ()]
         if len(set(targets)) != len(targets):
