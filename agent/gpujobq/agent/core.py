@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
+import msgspec
 from gpujobq.agent import runtime as runtime_mod
 from gpujobq.agent import spool as spool_mod
 from gpujobq.protocol import messages
@@ -113,7 +114,7 @@ class Agent:
         self._send = send
         for held in list(self.jobs.values()):
             if held.result is not None:
-                send(held.result)
+                send(self._fresh(held.result))
 
     def detach(self, send: Sender) -> None:
         if self._send is send:
@@ -155,6 +156,10 @@ class Agent:
             elif self.dirty.pop(index, None) is not None:
                 log.info("GPU %d is clean again", index)
         return [i for i in indexes if i in self.dirty]
+
+    def _fresh(self, result: messages.Exited) -> messages.Exited:
+        """A kept result as it is sent again: with the host's dirty GPUs of now, not of then."""
+        return msgspec.structs.replace(result, dirty=self.dirty_gpus())
 
     def dirty_gpus(self) -> tuple[messages.DirtyGPU, ...]:
         return tuple(self.dirty[i] for i in sorted(self.dirty))
@@ -201,7 +206,7 @@ class Agent:
         held = self.jobs.get(key)
         if held is not None:  # a repeat: never a second process; resend a kept result
             if held.result is not None:
-                self._report(held.result)
+                self._report(self._fresh(held.result))
             return
         for (job_id, attempt), other in self.jobs.items():
             if job_id == run.job_id and attempt < run.attempt:

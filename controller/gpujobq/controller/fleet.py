@@ -52,10 +52,12 @@ def resolve_gpus(
                             f"{there.uuid}")
         else:
             usable.append(there)
-    if hello.nvml and real:
-        declared_indexes = {g.index for g in declared}
+    if hello.nvml:
+        # A virtual slot does not declare the real GPU at its index: a job on that slot
+        # in the process runtime would see that GPU, so it is reported too.
+        real_indexes = {g.index for g in real}
         for index, gpu in sorted(found.items()):
-            if index not in declared_indexes:
+            if index not in real_indexes:
                 problems.append(f"GPU {index} ({gpu.uuid or gpu.name}) is on the host but "
                                 "not declared: it gets no jobs")
     return tuple(usable), problems
