@@ -141,3 +141,15 @@ def test_systemd_units_start_a_real_command(unit: str) -> None:
     main = controller_main if unit == "gpujobq-controller" else agent_main
     args = main._parser().parse_args(argv[1:])  # every flag in the unit exists
     assert args.func.__name__ == "_serve"
+
+
+def test_gpu_check_script_runs_end_to_end_in_self_test_mode() -> None:
+    """scripts/gpu-check on virtual GPUs (no NVML, no torch): the real device run's path,
+    from start-up to cancel and timeout checks, does not rot between GPU sessions."""
+    run = subprocess.run(
+        [sys.executable, str(cluster_mod.ROOT / "scripts" / "gpu-check"), "--python",
+         sys.executable, "--install", "never", "--selftest-virtual", "2"],
+        capture_output=True, text=True, timeout=240, env=cluster_mod.env())
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert "RESULT: PASS (SELF-TEST" in run.stdout
+    assert "0 failed" in run.stdout
