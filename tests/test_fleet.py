@@ -216,7 +216,7 @@ def test_add_a_host_then_remove_one_that_is_busy(fleet: Cluster, admin: User,
     extra.start()
     fleet.write_inventory(fleet.agents[:4], node0=POOL, node1=POOL)
     assert fleet.proc is not None
-    fleet.proc.send_signal(signal.SIGHUP)  # as `systemctl reload` does
+    fleet.proc.send_signal(signal.SIGHUP)  # (polling would see it too: see the SIGHUP test)
     fleet.wait_nodes(admin, lambda h: "node3" in h and h["node3"]["state"] == "up")
     user, job_id = submit(fleet, "print('on the new host')", competition="on-node3")
     done = finish(fleet, user, job_id)
@@ -252,7 +252,7 @@ def test_unknown_competitions_can_be_refused(fleet: Cluster, restore: None,
 def test_a_host_that_stops_answering_is_down_and_its_job_moves(fleet: Cluster,
                                                                admin: User) -> None:
     code = ("import os, time\nprint('attempt', os.environ['GPUJOBQ_ATTEMPT'], flush=True)\n"
-            "time.sleep(60 if os.environ['GPUJOBQ_ATTEMPT'] == '1' else 0)\n")
+            "time.sleep(600 if os.environ['GPUJOBQ_ATTEMPT'] == '1' else 0)\n")
     user, job_id = submit(fleet, code, competition="not-node2")
     first = fleet.wait_status(user, job_id, {"running"})
     agent = next(a for a in fleet.agents if a.name == first["node"])
@@ -270,10 +270,12 @@ def test_a_host_that_stops_answering_is_down_and_its_job_moves(fleet: Cluster,
         assert any(e[1] == "requeued" and "node lost" in e[2] for e in events), events
     finally:
         agent.proc.send_signal(signal.SIGCONT)
-    # Back: up again, and the attempt given up on is stopped there.
+    # Back: up again, and the attempt given up on (it would sleep 600 s) is stopped there,
+    # which frees its GPU.
     fleet.wait_nodes(admin, lambda h: h[agent.name]["state"] == "up", timeout=60)
     fleet.wait_nodes(admin, lambda h: all(g["state"] == "free" for g in h[agent.name]["gpus"]),
                      timeout=30)
+    assert f"cancelling job {job_id} attempt 1" in fleet.log(agent.name)
 
 
 def test_pending_reason_when_the_only_eligible_host_is_down(fleet: Cluster,

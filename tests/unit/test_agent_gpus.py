@@ -374,3 +374,36 @@ async def test_resent_result_does_not_undo_a_newer_dirty_report(
     for msg in resent:
         if isinstance(msg, messages.Exited | messages.Heartbeat):
             assert [d.index for d in msg.dirty] == [0], msg
+
+
+class BlockingRuntime(FakeRuntime):
+    """A job that runs until cancelled."""
+
+    async def run(self, job: messages.RunJob, workdir: pathlib.Path, cancel: asyncio.Event,
+                  report: runtime.Reporter) -> runtime.Outcome:
+        self.ran.append(job)
+        report.started()
+        await cancel.wait()
+        return runtime.Outcome(reason=Reason.CANCELLED_BY_USER, exit_code=None)
+
+
+async def test_a_run_on_a_gpu_still_in_use_is_refused_not_started(tmp_path: pathlib.Path,
+                                                                  probe: FakeProbe) -> None:
+    blocking = BlockingRuntime()
+    agent = make_agent(tmp_path, probe, blocking)
+    sent = attached(agent)
+    agent.handle(run_job((real_gpu(0),), job_id="old"))
+    await asyncio.sleep(0.05)
+    assert [h.gpus for h in agent.held()] == [(0,)]
+    refused = await finish(agent, run_job((real_gpu(0), real_gpu(1)), job_id="new"), sent)
+    assert (refused.job_id, refused.reason) == ("new", "requeued")
+    assert refused.detail == "GPU 0 is still in use by job old attempt 1"
+    assert [r.job_id for r in blocking.ran] == ["old"]  # the new one never started
+    # A dirty GPU is refused the same way.
+    probe.pids[1] = (99,)
+    agent.check_gpus([1])
+    sent.clear()
+    refused = await finish(agent, run_job((real_gpu(1),), job_id="other"), sent)
+    assert refused.reason == "requeued" and refused.detail.startswith("GPU 1 is held back")
+    agent.handle(messages.Cancel(job_id="old", attempt=1))
+    await asyncio.wait_for(agent.jobs[("old", 1)].task, timeout=10)  # type: ignore[arg-type]

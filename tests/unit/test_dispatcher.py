@@ -17,9 +17,13 @@ GPUS = (messages.GPU(index=0, virtual=True), messages.GPU(index=1, virtual=True)
 class FakeLink:
     """Stands in for agents.Link: records what the dispatcher sends."""
 
-    def __init__(self, name: str, address: str = "") -> None:
+    def __init__(self, name: str, address: str = "", port: int = 8022, user: str = "gpujobq",
+                 fingerprint: str = "") -> None:
         self.name = name
         self.address = address
+        self.port = port
+        self.user = user
+        self.fingerprint = fingerprint or f"key of {name}"
         self.connected = True
         self.down_since: float | None = None
         self.last_error: str | None = None
@@ -49,7 +53,7 @@ class World:
         self.link = self.d.nodes["a"].link
 
     def make_link(self, h: inventory.Host, handler: agents.Handler) -> FakeLink:
-        link = FakeLink(h.name, h.address)
+        link = FakeLink(h.name, h.address, h.port, h.user, h.host_key or "")
         self.made.append(link)
         return link
 
@@ -69,7 +73,8 @@ class World:
 
 
 def host(name: str, gpus: int, address: str = "", **kw: object) -> dict[str, object]:
-    return {"name": name, "address": address or f"10.0.0.{ord(name[0])}", "host_key": "k",
+    return {"name": name, "address": address or f"10.0.0.{ord(name[0])}",
+            "host_key": f"key of {name}",
             "gpus": [{"index": i, "virtual": True} for i in range(gpus)], **kw}
 
 
@@ -334,3 +339,70 @@ def test_competition_profile_reaches_the_job(w: World) -> None:
     w.submit("j2", user="u2", gpus=2)
     w.d.run_once()
     assert w.d.waiting(w.store.get("j2")).reason == "waiting for 2 free GPUs on one host"
+
+
+def test_after_a_controller_restart_gpus_of_unknown_attempts_stay_taken(w: World) -> None:
+    # A fresh controller knows nothing of j0 attempt 1, still running on GPU 0 there.
+    w.submit("j2")
+    hello = messages.Hello(host="a", runtime="process", jobs=(
+        messages.HeldJob(job_id="j0", attempt=1, finished=False, gpus=(0,)),))
+    w.d.on_connected(w.link, hello)  # type: ignore[arg-type]
+    assert w.link.sent[-1] == messages.Cancel(job_id="j0", attempt=1)
+    w.d.run_once()
+    assert [g.index for g in w.runs()[0].gpus] == [1]
+    # A heartbeat may also reveal such an attempt; once it ended, the GPU is free again.
+    w.submit("j3", user="u3")
+    beat = messages.Heartbeat(at=w.now, jobs=(
+        messages.HeldJob(job_id="j0", attempt=1, finished=False, gpus=(0,)),
+        messages.HeldJob(job_id="j2", attempt=1, finished=False, gpus=(1,))))
+    w.d.on_message(w.link, beat)  # type: ignore[arg-type]
+    assert w.d.run_once() == 0
+    w.d.on_message(w.link, messages.Heartbeat(at=w.now, jobs=beat.jobs[1:]))  # type: ignore
+    assert w.d.run_once() == 1
+
+
+def test_a_run_the_agent_refuses_goes_back_to_the_queue_without_a_retry(w: World) -> None:
+    w.submit("j1")
+    w.d.run_once()
+    refusal = messages.Exited(job_id="j1", attempt=1, at=w.now, reason="requeued",
+                              exit_code=None, detail="GPU 0 is still in use by job x")
+    w.d.on_message(w.link, refusal)  # type: ignore[arg-type]
+    job = w.store.get("j1")
+    assert (job.status, job.retries) == (Status.PENDING, 0)
+    assert w.link.sent[-1] == messages.Ack(job_id="j1", attempt=1)
+    w.d.run_once()
+    again = w.runs()[-1]
+    assert (again.attempt, [g.index for g in again.gpus]) == (2, [1])  # not GPU 0 for now
+
+
+def test_a_removed_host_that_stays_down_leaves_anyway(w: World) -> None:
+    w.submit("j1")
+    w.d.run_once()
+    w.link.connected, w.link.down_since = False, w.now
+    w.d.apply_inventory(inv())
+    w.now += w.settings.node_lost_after + 1
+    w.d.run_once()  # j1 is requeued; its attempt may still run on the dead host
+    w.d.run_once()
+    assert "a" not in w.d.nodes and not w.d.lingering
+    assert w.d.waiting(w.store.get("j1")).reason == "no host has 1 GPU"
+
+
+def test_two_names_for_one_agent_are_refused(w: World) -> None:
+    twin = host("b", 2)
+    twin["host_key"] = "key of a"
+    with pytest.raises(inventory.InventoryError, match="hosts a and b have the same host key"):
+        w.d.apply_inventory(inv(host("a", 2), twin))
+    # A rename: while the old name drains out, the new one is refused too.
+    w.submit("j1")
+    w.d.run_once()
+    with pytest.raises(inventory.InventoryError, match="still draining"):
+        w.d.apply_inventory(inv(twin))
+    assert list(w.d.nodes) == ["a"] and not w.d.nodes["a"].removing
+
+
+def test_a_new_host_key_means_a_new_link(w: World) -> None:
+    rekeyed = host("a", 2)
+    rekeyed["host_key"] = "new key of a"
+    assert w.d.apply_inventory(inv(rekeyed)) == [
+        f"reconnecting to host a at {rekeyed['address']}:8022"]
+    assert w.d.nodes["a"].link.fingerprint == "new key of a"

@@ -8,6 +8,7 @@ controller channel, and results wait in the spool until acked.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -41,10 +42,11 @@ class GPUProbe(Protocol):
 
 
 class _Held:
-    def __init__(self) -> None:
+    def __init__(self, gpus: tuple[int, ...] = ()) -> None:
         self.cancel = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
         self.result: messages.Exited | None = None
+        self.gpus = gpus  # indexes of the GPUs (or virtual slots) it was given
 
 
 class _Reporter:
@@ -177,7 +179,7 @@ class Agent:
 
     def held(self) -> tuple[messages.HeldJob, ...]:
         return tuple(
-            messages.HeldJob(job_id=j, attempt=a, finished=h.result is not None)
+            messages.HeldJob(job_id=j, attempt=a, finished=h.result is not None, gpus=h.gpus)
             for (j, a), h in self.jobs.items()
         )
 
@@ -193,7 +195,9 @@ class Agent:
                 self._run(msg)
             case messages.Cancel(job_id=job_id, attempt=attempt):
                 held = self.jobs.get((job_id, attempt))
-                if held is not None:
+                if held is not None and held.result is None:
+                    log.info("cancelling job %s attempt %d at the controller's request",
+                             job_id, attempt)
                     held.cancel.set()
             case messages.Ack(job_id=job_id, attempt=attempt):
                 held = self.jobs.get((job_id, attempt))
@@ -211,8 +215,35 @@ class Agent:
         for (job_id, attempt), other in self.jobs.items():
             if job_id == run.job_id and attempt < run.attempt:
                 other.cancel.set()  # the controller moved on to a newer attempt
-        held = self.jobs[key] = _Held()
+        gpus = tuple(g.index for g in run.gpus)
+        held = self.jobs[key] = _Held(gpus)
+        clash = self._gpu_clash(run, gpus)
+        if clash:
+            # Never two jobs on one GPU, whatever the controller believes: hand it back.
+            log.warning("job %s refused: %s", run.job_id, clash)
+            held.task = asyncio.create_task(self._refuse(run, held, clash))
+            return
         held.task = asyncio.create_task(self._execute(run, held), name=f"job {run.job_id}")
+
+    def _gpu_clash(self, run: messages.RunJob, gpus: tuple[int, ...]) -> str:
+        for index in gpus:
+            if index in self.dirty:
+                return f"GPU {index} is held back: {self.dirty[index].detail}"
+            for (job_id, attempt), other in self.jobs.items():
+                if other.result is None and index in other.gpus and (
+                        job_id, attempt) != (run.job_id, run.attempt):
+                    return f"GPU {index} is still in use by job {job_id} attempt {attempt}"
+        return ""
+
+    async def _refuse(self, run: messages.RunJob, held: _Held, why: str) -> None:
+        held.gpus = ()  # it never took them
+        exited = messages.Exited(job_id=run.job_id, attempt=run.attempt, at=self.clock(),
+                                 reason=Reason.REQUEUED, exit_code=None, detail=why,
+                                 dirty=self.dirty_gpus())
+        with contextlib.suppress(OSError):
+            self.spool.store_result(exited)
+        held.result = exited
+        self._report(exited)
 
     async def _execute(self, run: messages.RunJob, held: _Held) -> None:
         outcome = await self._outcome(run, held)

@@ -51,14 +51,16 @@ class Probe:
         return tuple(found)
 
     def processes(self, index: int) -> tuple[int, ...]:
-        """PIDs of the processes using a GPU (compute and graphics), as NVML lists them."""
+        """PIDs of the compute processes on a GPU, as NVML lists them.
+
+        Graphics processes (a display server on a workstation's GPU) are not jobs'
+        leftovers and would hold the GPU back for good: they do not count.
+        """
         if self._nvml is None:
             return ()
         nv = self._nvml
         handle = nv.nvmlDeviceGetHandleByIndex(index)
-        pids = {p.pid for p in nv.nvmlDeviceGetComputeRunningProcesses(handle)}
-        pids |= {p.pid for p in nv.nvmlDeviceGetGraphicsRunningProcesses(handle)}
-        return tuple(sorted(pids))
+        return tuple(sorted({p.pid for p in nv.nvmlDeviceGetComputeRunningProcesses(handle)}))
 
     def close(self) -> None:
         if self._nvml is not None:

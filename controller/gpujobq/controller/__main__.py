@@ -16,6 +16,7 @@ import pathlib
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Any
 
@@ -163,8 +164,16 @@ def _call(settings: Settings, args: argparse.Namespace, method: str, path: str) 
     url = (args.url or f"http://{settings.host}:{settings.port}").rstrip("/") + path
     token, minted = args.token, None
     if not token:
+        # Only for a controller on this machine: a minted admin token never travels.
+        host = urllib.parse.urlsplit(url).hostname or ""
+        if host not in ("127.0.0.1", "::1", "localhost"):
+            raise errors.ControllerError(
+                f"{url} is not on this machine: pass an admin's --token (or GPUJOBQ_TOKEN)")
         db = database.open_database(settings.database)
         now = time.time()
+        if not accounts.add_user(db, LOCAL_ADMIN, now) and not accounts.is_admin(db, LOCAL_ADMIN):
+            raise errors.ControllerError(
+                f"user {LOCAL_ADMIN} exists and is not an admin: pass an admin's --token")
         accounts.add_user(db, LOCAL_ADMIN, now, admin=True)
         token = accounts.issue_token(db, LOCAL_ADMIN, now, days=60 / 86400)
         minted = accounts.token_id(db, token)

@@ -57,9 +57,10 @@ class Link:
         self.handler = handler
         self.keepalive = keepalive
         self.backoff_max = backoff_max
+        self.fingerprint: str = host_key.get_fingerprint()
         self.hello: messages.Hello | None = None
         self.last_error: str | None = None
-        self.down_since: float | None = time.time()
+        self.down_since: float | None = time.monotonic()  # never wall time: clocks step
         self._channel: asyncssh.SSHClientProcess[bytes] | None = None
         self._conn: asyncssh.SSHClientConnection | None = None
 
@@ -146,7 +147,7 @@ class Link:
         was_up = self._channel is not None
         self._channel = None
         if self.down_since is None:
-            self.down_since = time.time()
+            self.down_since = time.monotonic()
         if self._conn is not None:
             self._conn.close()
             try:

@@ -69,21 +69,29 @@ class Reloader:
             inv = inventory.load(self.path)
             changes = self.apply(inv)
         except inventory.InventoryError as exc:
+            if str(exc) != self.error:  # said once, not at every retry
+                log.error("inventory not reloaded, keeping the last good one: %s", exc)
             self.error = str(exc)
-            log.error("inventory not reloaded, keeping the last good one: %s", exc)
             raise
         self.error, self.loaded_at = None, self.clock()
         log.info("inventory reloaded: %s", "; ".join(changes) or "no changes")
         return changes
 
     def reload_quietly(self) -> None:
-        with contextlib.suppress(inventory.InventoryError):
+        try:
             self.reload()
+        except inventory.InventoryError:
+            pass
+        except Exception as exc:  # never let a bug stop the watching
+            log.exception("inventory reload failed")
+            self.error = f"reload failed: {exc!r}"
 
     async def watch(self, interval: float) -> None:
+        """Reload on change; a refused file is tried again (a rename may wait for a host
+        to drain out of the fleet, with no further edit)."""
         while True:
             await asyncio.sleep(interval)
-            if self._signature() != self._seen:
+            if self._signature() != self._seen or self.error is not None:
                 self.reload_quietly()
 
 

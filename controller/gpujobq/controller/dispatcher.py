@@ -76,13 +76,17 @@ class Dispatcher:
         inventory: inventory_mod.Inventory,
         link_factory: LinkFactory,
         clock: Callable[[], float],
+        monotonic: Callable[[], float] | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
         self.link_factory = link_factory
         self.inventory = inventory_mod.Inventory()
         self.nodes: dict[str, fleet.Node] = {}
+        # Wall-clock time is for records; liveness and scheduling use a monotonic clock
+        # (the links' too), so a clock step never marks healthy hosts down.
         self.clock = clock
+        self.mono = monotonic or clock
         self.plan = scheduler.Plan([], {})
         self.watchers = Watchers()
         self.live: dict[str, LiveOutput] = {}
@@ -90,9 +94,11 @@ class Dispatcher:
         # away) that may still run there: their GPUs stay taken until the agent reports
         # them ended or no longer held. (job_id, attempt) -> (host, GPU indexes)
         self.lingering: dict[tuple[str, int], tuple[str, tuple[int, ...]]] = {}
-        self.dispatched_at: dict[str, float] = {}
+        self.dispatched_at: dict[str, float] = {}  # monotonic, when the RunJob left
+        self.started_seen: dict[str, float] = {}  # monotonic, when Started arrived
         self._wake = asyncio.Event()
         self._running = False
+        self._stopped: set[asyncio.Task[None]] = set()  # link tasks cancelled, not yet done
         self.apply_inventory(inventory)
 
     @property
@@ -109,10 +115,11 @@ class Dispatcher:
         leaves once nothing of it runs. A host whose address or key changed reconnects;
         the jobs it runs go on.
         """
+        candidates = {h.name: self.link_factory(h, self) for h in inv.hosts}
+        _refuse_shared_keys(inv, candidates, self.nodes)
         made = {
-            h.name: self.link_factory(h, self)
-            for h in inv.hosts
-            if h.name not in self.nodes or _endpoint(self.nodes[h.name].host) != _endpoint(h)
+            name: link for name, link in candidates.items()
+            if name not in self.nodes or _endpoint(self.nodes[name].link) != _endpoint(link)
         }
         changes = []
         for host in inv.hosts:
@@ -149,20 +156,33 @@ class Dispatcher:
         if self._running:
             node.task = asyncio.create_task(node.link.run(), name=f"link {node.name}")
 
-    @staticmethod
-    def _stop(node: fleet.Node) -> None:
+    def _stop(self, node: fleet.Node) -> None:
         if node.task is not None:
             node.task.cancel()
+            self._stopped.add(node.task)
+            node.task.add_done_callback(self._stopped.discard)
             node.task = None
 
     def _retire(self, running: list[store.Job]) -> None:
-        """Let hosts removed from the inventory go once nothing of theirs runs."""
-        occupied = {j.node for j in running} | {h for h, _ in self.lingering.values()}
+        """Let hosts removed from the inventory go once nothing of theirs runs.
+
+        A removed host that stays down past node_lost_after goes even with attempts
+        given up on still listed there: nothing will ever report them ended.
+        """
+        now = self.mono()
+        occupied = {j.node for j in running}
         for name, node in list(self.nodes.items()):
-            if node.removing and name not in occupied:
-                self._stop(node)
-                del self.nodes[name]
-                log.info("host %s left the fleet", name)
+            if not node.removing or name in occupied:
+                continue
+            since = node.down_since(now, self.settings.heartbeat_timeout)
+            lost = since is not None and now - since > self.settings.node_lost_after
+            if not lost and any(h == name for h, _ in self.lingering.values()):
+                continue
+            for key in [k for k, (h, _) in self.lingering.items() if h == name]:
+                del self.lingering[key]
+            self._stop(node)
+            del self.nodes[name]
+            log.info("host %s left the fleet", name)
 
     def node_of(self, link: agents.Link) -> fleet.Node | None:
         """The node a link serves, if it is still that node's link (not a replaced one)."""
@@ -190,10 +210,9 @@ class Dispatcher:
                     log.exception("dispatcher pass failed; retrying")
         finally:
             self._running = False
-            tasks = [n.task for n in self.nodes.values() if n.task is not None]
             for node in self.nodes.values():
                 self._stop(node)
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*self._stopped, return_exceptions=True)
 
     def run_once(self) -> int:
         """Requeue jobs of lost hosts, then place what fits; returns jobs dispatched."""
@@ -215,13 +234,18 @@ class Dispatcher:
         )
 
     def _plan(self, running: list[store.Job]) -> scheduler.Plan:
-        now = self.clock()
+        """The scheduler's plan, on the monotonic clock; estimates come back as wall time."""
+        now, wall = self.mono(), self.clock()
         timeout = self.settings.heartbeat_timeout
         busy = []
         for job in running:
             if job.node is None:
                 continue
-            start = job.started_at or self.dispatched_at.get(job.id, now)
+            # When it started, as this controller saw it (an agent's clock may be off);
+            # after a controller restart, from the stored start; not started yet: now.
+            start = self.started_seen.get(job.id)
+            if start is None:
+                start = now - max(0.0, wall - job.started_at) if job.started_at else now
             busy.append(scheduler.Busy(
                 host=job.node, gpus=job.gpus, user_id=job.user_id,
                 ends_by=start + job.time_limit + self.settings.grace,
@@ -231,7 +255,12 @@ class Dispatcher:
         busy += [b for n in self.nodes.values() if (b := n.dirty_busy()) is not None]
         hosts = [n.view(now, timeout) for n in self.nodes.values()]
         queue = [self.queued(row) for row in self.store.queue()]
-        return scheduler.plan(queue, hosts, busy, now)
+        plan = scheduler.plan(queue, hosts, busy, now)
+        for job_id, w in plan.waiting.items():
+            if w.estimated_start is not None:
+                plan.waiting[job_id] = scheduler.Waiting(
+                    w.position, w.reason, wall + (w.estimated_start - now))
+        return plan
 
     def waiting(self, job: store.Job) -> scheduler.Waiting | None:
         """Where a pending job stands: position, pending reason, estimated start."""
@@ -239,14 +268,16 @@ class Dispatcher:
             return None
         if job.id not in self.plan.waiting:
             # Submitted since the last pass: plan again (placing nothing here).
-            self.plan = scheduler.Plan(
-                self.plan.assignments,
-                self._plan(self.store.by_status(Status.RUNNING)).waiting)
+            fresh = self._plan(self.store.by_status(Status.RUNNING))
+            self.plan = scheduler.Plan(self.plan.assignments, fresh.waiting)
+            if any(a.job_id == job.id for a in fresh.assignments):
+                self.wake()  # the next pass starts it
+                return scheduler.Waiting(0, "starting", self.clock())
         return self.plan.waiting.get(job.id)
 
     def _drop_silent(self) -> None:
         """A connected host silent past the heartbeat timeout is down: reconnect to it."""
-        now = self.clock()
+        now = self.mono()
         for node in self.nodes.values():
             if node.link.connected and node.silent(now, self.settings.heartbeat_timeout):
                 log.warning("host %s: no heartbeat for %.0f s; marked down, reconnecting",
@@ -257,7 +288,7 @@ class Dispatcher:
         job = self.store.dispatch(
             assignment.job_id, assignment.host, [g.index for g in assignment.gpus]
         )
-        self.dispatched_at[job.id] = self.clock()
+        self.dispatched_at[job.id] = self.mono()
         code, config = self.store.payload(job.id)
         profile = self.inventory.profile_of_job(job.competition_id)
         run = messages.RunJob(
@@ -283,7 +314,7 @@ class Dispatcher:
 
     def _requeue_lost(self, running: list[store.Job]) -> bool:
         """Requeue the running jobs of hosts gone too long (or gone from the inventory)."""
-        now = self.clock()
+        now = self.mono()
         requeued = False
         for job in running:
             node = self.nodes.get(job.node or "")
@@ -298,13 +329,14 @@ class Dispatcher:
             requeued = True
         return requeued
 
-    def _requeue(self, job: store.Job, why: str) -> None:
+    def _requeue(self, job: store.Job, why: str, count: bool = True) -> None:
         self._linger(job)
         try:
             if job.cancel_requested:  # the user wanted it stopped: never run it again
                 job = self.store.force_cancel(job.id, job.attempt, f"cancelled; {why}")
             else:
-                job = self.store.requeue(job.id, job.attempt, why, self.settings.max_retries)
+                job = self.store.requeue(job.id, job.attempt, why, self.settings.max_retries,
+                                         count=count)
         except errors.TransitionError:
             return
         log.warning("job %s: %s; now %s", job.id, why, job.status)
@@ -353,7 +385,7 @@ class Dispatcher:
         node = self.node_of(link)
         if node is None:
             return
-        node.hello, node.dirty, node.last_heard = hello, hello.dirty, self.clock()
+        node.hello, node.dirty, node.last_heard = hello, hello.dirty, self.mono()
         node.refresh()
         for problem in node.problems:
             log.warning("host %s: %s", node.name, problem)
@@ -373,7 +405,10 @@ class Dispatcher:
                 and job.node == link.name and job.attempt == attempt
             )
             if not ours and not entry.finished:
+                # Not (or no longer) ours, but running there: stop it, and keep its GPUs
+                # taken until the agent says it ended (this survives a controller restart).
                 self._send(link, messages.Cancel(job_id=job_id, attempt=attempt))
+                self.lingering.setdefault((job_id, attempt), (link.name, entry.gpus))
         self._forget_ended(link.name, hello.jobs)
         self.wake()
 
@@ -386,11 +421,12 @@ class Dispatcher:
         node = self.node_of(link)
         if node is None:
             return  # a link the inventory replaced: its reports are stale
-        node.last_heard = self.clock()
+        node.last_heard = self.mono()
         try:
             match msg:
                 case messages.Started():
                     self.store.mark_started(msg.job_id, msg.attempt, msg.at)
+                    self.started_seen[msg.job_id] = self.mono()
                     self.live[msg.job_id] = LiveOutput(msg.attempt)
                 case messages.Output():
                     live = self.live.get(msg.job_id)
@@ -407,8 +443,14 @@ class Dispatcher:
         self._set_dirty(link, beat.dirty)
         self._forget_ended(link.name, beat.jobs)
         held = {(h.job_id, h.attempt) for h in beat.jobs}
-        now = self.clock()
-        for job in self.store.by_status(Status.RUNNING):
+        now = self.mono()
+        running = self.store.by_status(Status.RUNNING)
+        ours = {(j.id, j.attempt) for j in running if j.node == link.name}
+        for h in beat.jobs:
+            if not h.finished and h.gpus and (h.job_id, h.attempt) not in ours:
+                # Something the controller does not run there holds GPUs: they are taken.
+                self.lingering.setdefault((h.job_id, h.attempt), (link.name, h.gpus))
+        for job in running:
             sent = self.dispatched_at.get(job.id)
             if (job.node == link.name and (job.id, job.attempt) not in held
                     and sent is not None and now - sent > UNHELD_AFTER):
@@ -436,6 +478,12 @@ class Dispatcher:
                 reason = Reason(msg.reason)
             except ValueError:
                 reason = Reason.INFRA_ERROR
+            if reason is Reason.REQUEUED:
+                # The agent would not start it (its GPUs were not free there): back to the
+                # queue, no retry counted; those GPUs wait for the agent's next heartbeat.
+                self._requeue(job, f"refused by agent {link.name}: {msg.detail}", count=False)
+                self._send(link, messages.Ack(job_id=msg.job_id, attempt=msg.attempt))
+                return
             job = self.store.finish(
                 job.id, msg.attempt,
                 status=final_status(reason, msg.exit_code),
@@ -458,6 +506,7 @@ class Dispatcher:
     def _finished(self, job: store.Job) -> None:
         self.live.pop(job.id, None)
         self.dispatched_at.pop(job.id, None)
+        self.started_seen.pop(job.id, None)
         try:
             results.write(pathlib.Path(self.settings.results_dir), job)
         except OSError:
@@ -473,6 +522,22 @@ class Dispatcher:
             log.info("could not send %s: %s", type(msg).__name__, exc)
 
 
-def _endpoint(host: inventory_mod.Host) -> tuple[object, ...]:
+def _endpoint(link: agents.Link) -> tuple[object, ...]:
     """What a link is made from: a change to any of it means a new connection."""
-    return (host.address, host.port, host.user, host.host_key, host.host_key_file)
+    return (link.address, link.port, link.user, link.fingerprint)
+
+
+def _refuse_shared_keys(inv: inventory_mod.Inventory, links: dict[str, agents.Link],
+                        nodes: dict[str, fleet.Node]) -> None:
+    """One agent is one host: two names for the same host key would cancel each other's
+    jobs. A host being removed still counts until it has left (rename = remove, wait,
+    add)."""
+    owner: dict[str, str] = {}
+    leaving = {n: node.link for n, node in nodes.items() if n not in links}
+    for name, link in [*links.items(), *leaving.items()]:
+        other = owner.setdefault(link.fingerprint, name)
+        if other != name:
+            still = " (still draining out of the fleet)" if name in leaving else ""
+            raise inventory_mod.InventoryError(
+                f"hosts {other} and {name}{still} have the same host key: one agent "
+                "cannot be two hosts")

@@ -83,6 +83,11 @@ class Node:
     def refresh(self) -> None:
         """Recompute the usable GPUs from the declaration and the last hello."""
         self.gpus, self.problems = resolve_gpus(self.host.declared_gpus(), self.hello)
+        if self.hello is not None and self.hello.version != messages.PROTOCOL_VERSION:
+            self.problems.append(
+                f"its agent speaks protocol {self.hello.version}, the controller "
+                f"{messages.PROTOCOL_VERSION}: upgrade it (an older agent ignores newer fields "
+                "such as data mounts)")
 
     def known_gpus(self) -> tuple[messages.GPU, ...] | None:
         """The host's GPUs as far as they are known (None: left to discovery, not yet seen)."""

@@ -43,7 +43,8 @@ class Queued(msgspec.Struct, frozen=True, kw_only=True):
 
 class HostView(msgspec.Struct, frozen=True, kw_only=True):
     name: str
-    gpus: tuple[GPU, ...]  # the GPUs jobs may be given (present and clean)
+    gpus: tuple[GPU, ...]  # the GPUs jobs may be given (declared and present; dirty ones
+    # come in as Busy with no known end)
     labels: dict[str, str] = {}
     state: HostState = "up"
 

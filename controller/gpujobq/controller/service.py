@@ -40,6 +40,11 @@ class JobService:
     def submit(
         self, config: jobconfig.JobConfig, code: bytes, idempotency_key: str | None
     ) -> store.Job:
+        if idempotency_key is not None:
+            # A retry gets its job back, even if the inventory changed in between.
+            earlier = self.store.by_idempotency_key(config.user_id, idempotency_key)
+            if earlier is not None:
+                return earlier
         inv = self.dispatcher.inventory
         profile = inv.profile(config.competition_id)
         if profile is None:

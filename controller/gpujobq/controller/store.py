@@ -127,6 +127,12 @@ class Store:
         args.append(limit)
         return [Summary(*r) for r in self.db.execute(sql, args)]
 
+    def by_idempotency_key(self, user_id: str, key: str) -> Job | None:
+        row = self.db.execute(
+            "SELECT id FROM jobs WHERE user_id = ? AND idempotency_key = ?", [user_id, key]
+        ).fetchone()
+        return self.get(row[0]) if row else None
+
     def queue(self) -> list[QueuedRow]:
         """Every pending job, in submission order."""
         rows = self.db.execute(

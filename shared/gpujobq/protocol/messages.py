@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import msgspec
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: GPUs found by NVML, dirty GPUs, data mounts, held GPUs
 
 
 class Msg(msgspec.Struct, frozen=True, tag_field="type", kw_only=True):
@@ -123,6 +123,7 @@ class HeldJob(msgspec.Struct, frozen=True, kw_only=True):
     job_id: str
     attempt: int
     finished: bool
+    gpus: tuple[int, ...] = ()  # GPU indexes it runs on: taken while it is not finished
 
 
 class Heartbeat(Msg, tag="heartbeat", frozen=True, kw_only=True):
