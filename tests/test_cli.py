@@ -153,3 +153,20 @@ def test_gpu_check_script_runs_end_to_end_in_self_test_mode() -> None:
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert "RESULT: PASS (SELF-TEST" in run.stdout
     assert "0 failed" in run.stdout
+
+
+def test_admin_commands_mint_a_token_only_for_a_local_controller(tmp_path: pathlib.Path) -> None:
+    # Refused before any connection is tried: a minted admin token never travels.
+    far = admin(tmp_path, "nodes", "--url", "http://192.0.2.10:8001")
+    assert far.returncode == 1
+    assert "is not on this machine: pass an admin's --token" in far.stderr
+    # A participant who happens to be called gpujobq-admin is never made an admin.
+    assert admin(tmp_path, "user", "add", "gpujobq-admin").returncode == 0
+    port = cluster_mod.free_port()
+    taken = admin(tmp_path, "reload", "--url", f"http://127.0.0.1:{port}")
+    assert taken.returncode == 1
+    assert "user gpujobq-admin exists and is not an admin" in taken.stderr
+    # With an admin of its own, a stopped controller is named as such.
+    (tmp_path / "var" / "gpujobq.db").unlink()
+    down = admin(tmp_path, "nodes", "--url", f"http://127.0.0.1:{port}")
+    assert down.returncode == 1 and "is the controller running?" in down.stderr

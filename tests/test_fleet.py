@@ -7,6 +7,7 @@ jobs run. Each test leaves the inventory as it found it.
 
 from __future__ import annotations
 
+import datetime as dt
 import signal
 import subprocess
 import sys
@@ -148,6 +149,9 @@ def test_admin_view_needs_an_admin(fleet: Cluster, admin: User) -> None:
         "node0": ("up", 1, "process"), "node1": ("up", 2, "process"),
         "node2": ("up", 4, "process")}
     assert hosts["node1"]["address"] == "127.0.0.3"
+    heard = dt.datetime.fromisoformat(hosts["node2"]["last_heard"]).replace(tzinfo=dt.UTC)
+    assert abs((dt.datetime.now(dt.UTC) - heard).total_seconds()) < 10  # heartbeats: 1 s
+    assert hosts["node2"]["down_since"] is None
     assert hosts["node0"]["labels"] == {"name": "node0", "pool": "small"}
     assert view["inventory"]["error"] is None
 

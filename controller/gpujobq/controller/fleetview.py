@@ -64,8 +64,12 @@ class ReloaderLike(Protocol):
 def describe(
     disp: dispatcher_mod.Dispatcher, reloader: ReloaderLike, node_ids: dict[str, int]
 ) -> FleetReply:
-    now = disp.clock()
+    now, wall = disp.mono(), disp.clock()
     timeout = disp.settings.heartbeat_timeout
+
+    def when(t: float | None) -> str | None:  # monotonic -> wall-clock ISO time
+        return None if t is None else results.iso(wall - (now - t))
+
     running = [j for j in disp.store.by_status(Status.RUNNING) if j.node is not None]
     hosts = []
     for name, node in sorted(disp.nodes.items()):
@@ -93,8 +97,8 @@ def describe(
             name=name, node_id=node_ids.get(name), address=node.host.address,
             port=node.host.port, state=node.state(now, timeout), connected=node.link.connected,
             removing=node.removing, drain=node.host.drain, labels=dict(node.host.labels),
-            runtime=hello.runtime if hello else None, last_heard=results.iso(node.last_heard),
-            down_since=results.iso(node.down_since(now, timeout)), error=node.link.last_error,
+            runtime=hello.runtime if hello else None, last_heard=when(node.last_heard),
+            down_since=when(node.down_since(now, timeout)), error=node.link.last_error,
             problems=list(node.problems), gpus=[gpus[i] for i in sorted(gpus)],
         ))
     return FleetReply(
