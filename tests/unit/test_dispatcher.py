@@ -48,7 +48,7 @@ class World:
         self.made: list[FakeLink] = []
         self.d = dispatcher.Dispatcher(
             store=self.store, settings=self.settings, inventory=inv(host("a", 2)),
-            link_factory=self.make_link, clock=lambda: self.now,
+            link_factory=self.make_link, clock=lambda: self.now, monotonic=lambda: self.now,
         )
         self.link = self.d.nodes["a"].link
 

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import pathlib
+import time
 from collections.abc import Callable
 
 from gpujobq.controller import agents, errors, fleet, results, scheduler, store
@@ -76,7 +77,7 @@ class Dispatcher:
         inventory: inventory_mod.Inventory,
         link_factory: LinkFactory,
         clock: Callable[[], float],
-        monotonic: Callable[[], float] | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
         self.settings = settings
@@ -86,7 +87,7 @@ class Dispatcher:
         # Wall-clock time is for records; liveness and scheduling use a monotonic clock
         # (the links' too), so a clock step never marks healthy hosts down.
         self.clock = clock
-        self.mono = monotonic or clock
+        self.mono = monotonic  # the links' down_since is time.monotonic too
         self.plan = scheduler.Plan([], {})
         self.watchers = Watchers()
         self.live: dict[str, LiveOutput] = {}
