@@ -20,9 +20,10 @@ when it is expected to start.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Literal
 
 import msgspec
@@ -139,13 +140,16 @@ def plan(
     reservations: dict[str, _Reservation] = {}
     assignments: list[Assignment] = []
     unplaced: list[tuple[Queued, str]] = []
+    most_free = max((len(free[h.name]) for h in up), default=0)  # an upper bound
     for job in order:
         hosts_for_job = eligible(job)
         reason = _blocked(job, hosts_for_job)
         if reason is None:
-            fits = [h for h in hosts_for_job
-                    if h.state == "up" and len(free[h.name]) >= job.gpus
-                    and _may_use(reservations.get(h.name), job, now)]
+            # A deep queue on a full fleet skips the search: nothing can fit.
+            fits = [] if job.gpus > most_free else [
+                h for h in hosts_for_job
+                if h.state == "up" and len(free[h.name]) >= job.gpus
+                and _may_use(reservations.get(h.name), job, now)]
             if fits:
                 host = min(fits, key=lambda h: (len(free[h.name]) - job.gpus,
                                                 h.name in reservations, h.name))
@@ -161,7 +165,7 @@ def plan(
             reason = f"waiting for {gpus_phrase(job.gpus)}"
         unplaced.append((job, reason))
 
-    estimates = _forecast(unplaced, up, taken, now)
+    estimates = _forecast(unplaced, eligible, taken, now)
     waiting = {
         job.job_id: Waiting(i, reason, estimates.get(job.job_id))
         for i, (job, reason) in enumerate(unplaced, start=1)
@@ -222,33 +226,37 @@ def _reserve(
 
 def _forecast(
     unplaced: list[tuple[Queued, str]],
-    up: list[HostView],
+    eligible: Callable[[Queued], list[HostView]],
     taken: dict[str, dict[int, Busy]],
     now: float,
 ) -> dict[str, float]:
-    """When each waiting job is expected to start: replay the queue on expected times."""
-    free_at: dict[str, dict[int, float]] = {}
-    for host in up:
-        free_at[host.name] = {
-            g.index: max(now, taken.get(host.name, {}).get(
-                g.index, Busy(host="", gpus=(), expected_end=now)).expected_end)
-            for g in host.gpus
-        }
+    """When each waiting job is expected to start: replay the queue on expected times.
+
+    Each up host is a sorted list of the times its GPUs come free; a job takes the
+    earliest `gpus` of them on the host where the last of those is soonest.
+    """
+    free_at: dict[str, list[float]] = {}
     out: dict[str, float] = {}
     for job, _ in unplaced[:FORECAST_DEPTH]:
         best: tuple[float, str] | None = None
-        for host in up:
-            slots = free_at[host.name]
-            if not _eligible(job, host) or len(slots) < job.gpus:
+        for host in eligible(job):
+            if host.state != "up":
                 continue
-            start = sorted(slots.values())[job.gpus - 1]
+            slots = free_at.get(host.name)
+            if slots is None:
+                on = taken.get(host.name, {})
+                slots = free_at[host.name] = sorted(
+                    max(now, on[g.index].expected_end) if g.index in on else now
+                    for g in host.gpus)
+            start = slots[job.gpus - 1]
             if best is None or (start, host.name) < best:
                 best = (start, host.name)
         if best is None or math.isinf(best[0]):
             continue
         start, name = best
         slots = free_at[name]
-        for index in sorted(slots, key=lambda i: slots[i])[: job.gpus]:
-            slots[index] = start + job.expected_time
+        del slots[: job.gpus]
+        for _ in range(job.gpus):
+            bisect.insort(slots, start + job.expected_time)
         out[job.job_id] = start
     return out
