@@ -29,6 +29,7 @@ class FakeLink:
         self.last_error: str | None = None
         self.dropped: list[str] = []
         self.sent: list[messages.Down] = []
+        self.leases: list[messages.Lease] = []  # kept apart: they come every few seconds
 
     def drop(self, why: str) -> None:
         self.dropped.append(why)
@@ -36,7 +37,10 @@ class FakeLink:
     def send(self, msg: messages.Down) -> None:
         if not self.connected:
             raise agents.LinkDown("down")
-        self.sent.append(msg)
+        if isinstance(msg, messages.Lease):
+            self.leases.append(msg)
+        else:
+            self.sent.append(msg)
 
 
 class World:
@@ -44,6 +48,7 @@ class World:
         self.now = 1000.0
         self.store = store.Store(database.open_database(tmp / "db.sqlite"), lambda: self.now)
         self.settings = settings.Settings(results_dir=tmp / "results", node_lost_after=60,
+                                          lease=50, lease_margin=5,
                                           max_retries=1)
         self.made: list[FakeLink] = []
         self.d = dispatcher.Dispatcher(
@@ -406,3 +411,26 @@ def test_a_new_host_key_means_a_new_link(w: World) -> None:
     assert w.d.apply_inventory(inv(rekeyed)) == [
         f"reconnecting to host a at {rekeyed['address']}:8022"]
     assert w.d.nodes["a"].link.fingerprint == "new key of a"
+
+
+def test_leases_are_renewed_and_a_lost_report_requeues(w: World) -> None:
+    w.d.run_once()
+    assert w.link.leases == [messages.Lease(seconds=50)]
+    w.now += dispatcher.LEASE_RENEW - 1
+    w.d.run_once()
+    assert len(w.link.leases) == 1
+    w.now += 1
+    w.d.run_once()
+    assert len(w.link.leases) == 2
+    # A host is written off only after the lease and its margin, whatever node_lost_after says.
+    w.settings.node_lost_after = 1
+    assert w.d.lost_after == 55
+    # The agent stopped a job on its own (lease ran out): a platform failure, retried.
+    w.submit("j1")
+    w.d.run_once()
+    lost = messages.Exited(job_id="j1", attempt=1, at=w.now, reason="node_lost",
+                           exit_code=None, detail="no word from the controller for 51 s")
+    w.d.on_message(w.link, lost)  # type: ignore[arg-type]
+    job = w.store.get("j1")
+    assert (job.status, job.retries) == (Status.PENDING, 1)
+    assert w.link.sent[-1] == messages.Ack(job_id="j1", attempt=1)

@@ -30,6 +30,7 @@ LIVE_FLUSH = 0.2  # seconds live output may wait to be batched into one message
 # After a job on real GPUs ends, how long its GPUs may take to let go of its processes
 # before they are reported dirty and held back.
 SETTLE = 3.0
+DEFAULT_LEASE = 120.0  # seconds without a word from the controller before jobs stop
 
 
 class GPUProbe(Protocol):
@@ -47,6 +48,7 @@ class _Held:
         self.task: asyncio.Task[None] | None = None
         self.result: messages.Exited | None = None
         self.gpus = gpus  # indexes of the GPUs (or virtual slots) it was given
+        self.lost = ""  # why the agent stopped it on its own (the lease ran out)
 
 
 class _Reporter:
@@ -93,6 +95,8 @@ class Agent:
         spool: spool_mod.Spool,
         probe: GPUProbe | None = None,
         clock: Callable[[], float] = time.time,
+        lease: float = DEFAULT_LEASE,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.host = host
         self.runtime = runtime
@@ -101,6 +105,9 @@ class Agent:
         self.gpus = self.probe.discover() if self.probe else ()
         self.dirty: dict[int, messages.DirtyGPU] = {}
         self.clock = clock
+        self.mono = monotonic
+        self.lease = lease  # until the controller says otherwise (Lease)
+        self.last_word = monotonic()  # when the controller was last heard from
         self.check_gpus(g.index for g in self.gpus)  # anything left from before we started
         self.jobs: dict[Key, _Held] = {}
         self._send: Sender | None = None
@@ -114,6 +121,7 @@ class Agent:
     def attach(self, send: Sender) -> None:
         """A controller channel opened: from now on reports go there; resend kept results."""
         self._send = send
+        self.last_word = self.mono()
         for held in list(self.jobs.values()):
             if held.result is not None:
                 send(self._fresh(held.result))
@@ -190,7 +198,10 @@ class Agent:
     # ---- messages down -----------------------------------------------------------------
 
     def handle(self, msg: messages.Down) -> None:
+        self.last_word = self.mono()
         match msg:
+            case messages.Lease(seconds=seconds):
+                self.lease = seconds
             case messages.RunJob():
                 self._run(msg)
             case messages.Cancel(job_id=job_id, attempt=attempt):
@@ -245,8 +256,35 @@ class Agent:
         held.result = exited
         self._report(exited)
 
+    def check_lease(self) -> list[Key]:
+        """Stop every running job once the controller has been silent past the lease.
+
+        Past it, the controller may requeue them elsewhere: running on would mean two
+        copies at once. They are reported lost (a platform failure, retried)."""
+        silent = self.mono() - self.last_word
+        if silent <= self.lease:
+            return []
+        stopped = []
+        for key, held in self.jobs.items():
+            if held.result is None and not held.lost and held.task is not None:
+                held.lost = (f"stopped by the agent: no word from the controller for "
+                             f"{silent:.0f} s (lease {self.lease:.0f} s)")
+                log.warning("job %s attempt %d: %s", key[0], key[1], held.lost)
+                held.cancel.set()
+                stopped.append(key)
+        return stopped
+
+    async def watch_lease(self, interval: float = 1.0) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            self.check_lease()
+
     async def _execute(self, run: messages.RunJob, held: _Held) -> None:
         outcome = await self._outcome(run, held)
+        if held.lost:
+            outcome = runtime_mod.Outcome(
+                reason=Reason.NODE_LOST, exit_code=None, stdout=outcome.stdout,
+                stderr=outcome.stderr, detail=held.lost)
         # The controller frees the job's GPUs when it hears Exited: check them first.
         await self._settle(run.gpus)
         exited = messages.Exited(

@@ -1,14 +1,22 @@
-"""The SQLite file: WAL, durable commits, schema, and explicit write transactions."""
+"""The SQLite file: WAL, durable commits, a versioned schema, write transactions, backups.
+
+The schema's version is SQLite's ``PRAGMA user_version``. A new file gets ``SCHEMA`` at
+``VERSION``; an older file is migrated forward on open, one numbered step per
+transaction; a newer file (made by a newer gpujobq) is refused.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import pathlib
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import sqlite_utils
+from gpujobq.controller import errors
 
+# The current schema, for a new file. A change to it is also a step in MIGRATIONS.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
     id TEXT PRIMARY KEY,
@@ -80,39 +88,200 @@ CREATE TABLE IF NOT EXISTS job_files (     -- regular files a job left in /outpu
 """
 
 
+
+
 def open_database(path: pathlib.Path) -> sqlite_utils.Database:
+    """Open (or create) the database and bring its schema to VERSION.
+
+    Raises errors.SchemaError for a file made by a newer gpujobq.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path, isolation_level=None, timeout=10.0)  # we BEGIN ourselves
     db = sqlite_utils.Database(conn)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=FULL")  # acknowledged means on disk
-    db.execute("PRAGMA foreign_keys=ON")
-    conn.executescript(SCHEMA)
-    _migrate(db)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")  # acknowledged means on disk
+        db.execute("PRAGMA foreign_keys=ON")
+        migrate(db)
+    except BaseException:
+        conn.close()
+        raise
     return db
 
 
-# Columns added after the first release: (table, column, type and default). A database
-# made by an older version gains them on open; nothing is ever dropped or rewritten.
-ADDED_COLUMNS = (
-    ("users", "admin", "INTEGER NOT NULL DEFAULT 0"),
-    ("jobs", "gpu_count", "INTEGER NOT NULL DEFAULT 1"),
-)
+def version(db: sqlite_utils.Database) -> int:
+    """The file's schema version; 1 for a first-release file (user_version 0, tables)."""
+    found = int(db.execute("PRAGMA user_version").fetchone()[0])
+    if found == 0 and db.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'jobs'"
+    ).fetchone():
+        return 1
+    return found
 
 
-def _migrate(db: sqlite_utils.Database) -> None:
-    for table, column, kind in ADDED_COLUMNS:
-        if column not in db[table].columns_dict:
-            db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+def migrate(db: sqlite_utils.Database) -> None:
+    """Create the schema in a new file, or step an older one forward to VERSION."""
+    if version(db) == VERSION:
+        return  # the usual case: no write lock taken
+    while True:
+        with write(db):
+            # Read again under the write lock: another process may have migrated already.
+            current = version(db)
+            if current > VERSION:
+                raise errors.SchemaError(
+                    f"database schema version {current} is newer than this gpujobq "
+                    f"({VERSION}): upgrade gpujobq")
+            if current == VERSION:
+                return
+            if current == 0:
+                for statement in _statements(SCHEMA):
+                    db.execute(statement)
+                db.execute(f"PRAGMA user_version = {VERSION}")
+                return
+            MIGRATIONS[current - 1](db)  # version n -> n + 1, committed on its own
+            db.execute(f"PRAGMA user_version = {current + 1}")
+
+
+def _statements(script: str) -> Iterator[str]:
+    """The statements of a script, one at a time (executescript would COMMIT first)."""
+    pending = ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            yield pending.strip()
+            pending = ""
+    if pending.strip():
+        raise ValueError(f"incomplete SQL statement: {pending.strip()[:60]!r}")
+
+
+# ---- migrations: MIGRATIONS[n - 1] takes version n to n + 1, inside a write transaction.
+# Steps only add (tables, columns, indexes) and must be idempotent: files made between
+# releases, before the version was kept, may already have some of what a step adds.
+
+
+def _to_v2(db: sqlite_utils.Database) -> None:
+    """Output files, admins, multi-GPU jobs."""
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS job_files ("
+        " job_id TEXT NOT NULL, attempt INTEGER NOT NULL, name TEXT NOT NULL,"
+        " data BLOB NOT NULL, PRIMARY KEY (job_id, name))"
+    )
+    _add_column(db, "users", "admin", "INTEGER NOT NULL DEFAULT 0")
+    _add_column(db, "jobs", "gpu_count", "INTEGER NOT NULL DEFAULT 1")
+
+
+def _add_column(db: sqlite_utils.Database, table: str, column: str, kind: str) -> None:
+    if column not in db[table].columns_dict:
+        db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+
+
+MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_to_v2,)
+VERSION = 1 + len(MIGRATIONS)  # the schema this code reads and writes
 
 
 @contextlib.contextmanager
 def write(db: sqlite_utils.Database) -> Iterator[sqlite_utils.Database]:
-    """One write transaction, taken with BEGIN IMMEDIATE so count-then-insert cannot race."""
+    """One write transaction, taken with BEGIN IMMEDIATE so count-then-insert cannot race.
+
+    Rolled back on any error, a failed COMMIT included (a full disk fails there), so the
+    connection is never left inside a transaction.
+    """
     db.execute("BEGIN IMMEDIATE")
     try:
         yield db
+        db.execute("COMMIT")
     except BaseException:
-        db.execute("ROLLBACK")
+        if db.conn.in_transaction:  # SQLite may have rolled back already (SQLITE_FULL)
+            db.execute("ROLLBACK")
         raise
-    db.execute("COMMIT")
+
+
+# ---- failures of the storage ------------------------------------------------------------
+
+_STORAGE_CODES = frozenset(
+    {sqlite3.SQLITE_FULL, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN}
+)
+_STORAGE_MESSAGES = (
+    "database or disk is full",
+    "attempt to write a readonly database",
+    "disk I/O error",
+    "unable to open database file",
+)
+
+
+def storage_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is SQLite saying its file cannot be written: disk full, read-only,
+    I/O error, or not openable (extended codes count as their primary code)."""
+    if not isinstance(exc, sqlite3.DatabaseError):
+        return False
+    code = getattr(exc, "sqlite_errorcode", None)
+    if isinstance(code, int) and code & 0xFF in _STORAGE_CODES:
+        return True
+    return str(exc).startswith(_STORAGE_MESSAGES)
+
+
+# ---- online backup ------------------------------------------------------------------------
+
+
+def backup(source: pathlib.Path, dest: pathlib.Path, *, force: bool = False) -> int:
+    """A consistent copy of the live database at ``dest``; its size in bytes.
+
+    SQLite's backup API copies every page in one read transaction, so in WAL mode the
+    controller keeps writing meanwhile and the copy is one committed state. The copy is
+    written to ``DEST.tmp``, checked (``PRAGMA integrity_check``), synced, then renamed
+    over ``dest``; an existing ``dest`` is refused unless ``force``. Raises
+    errors.ControllerError with the reason.
+    """
+    if not source.is_file():
+        raise errors.NotFound(f"no database at {source}")
+    if (dest.exists() or dest.is_symlink()) and not force:
+        raise errors.Conflict(f"{dest} exists: pass --force to replace it")
+    if dest.is_dir():
+        raise errors.Conflict(f"{dest} is a folder: name the backup file")
+    tmp = dest.with_name(dest.name + ".tmp")
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()  # left by an interrupted backup
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+        _copy(source, tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, dest)
+        _fsync_dir(dest.parent)
+    except (OSError, sqlite3.Error) as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(exc, errors.ControllerError):
+            raise
+        raise errors.ControllerError(f"backup to {dest} failed: {exc}") from exc
+    except errors.ControllerError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    return dest.stat().st_size
+
+
+def _copy(source: pathlib.Path, tmp: pathlib.Path) -> None:
+    # mode=rw: never create an empty database where the live one was expected.
+    src = sqlite3.connect(f"{source.resolve().as_uri()}?mode=rw", uri=True, timeout=10.0)
+    try:
+        dst = sqlite3.connect(tmp)
+        try:
+            src.backup(dst)  # pages=-1: all pages in one step, one consistent snapshot
+            dst.execute("PRAGMA journal_mode=DELETE")  # one self-contained file
+            check = [row[0] for row in dst.execute("PRAGMA integrity_check")]
+        finally:
+            dst.close()
+    finally:
+        src.close()
+    if check != ["ok"]:
+        raise errors.ControllerError(
+            f"the copy failed PRAGMA integrity_check: {'; '.join(map(str, check[:5]))}")
+
+
+def _fsync_dir(folder: pathlib.Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

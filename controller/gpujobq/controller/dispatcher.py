@@ -26,6 +26,7 @@ TICK = 1.0  # seconds between passes when nothing wakes the loop
 # A job dispatched this long ago that its agent's heartbeat does not list was lost on the
 # way (or refused): it is requeued.
 UNHELD_AFTER = 30.0
+LEASE_RENEW = 5.0  # seconds between Lease messages to each agent
 
 
 LinkFactory = Callable[[inventory_mod.Host, agents.Handler], agents.Link]
@@ -176,7 +177,7 @@ class Dispatcher:
             if not node.removing or name in occupied:
                 continue
             since = node.down_since(now, self.settings.heartbeat_timeout)
-            lost = since is not None and now - since > self.settings.node_lost_after
+            lost = since is not None and now - since > self.lost_after
             if not lost and any(h == name for h, _ in self.lingering.values()):
                 continue
             for key in [k for k, (h, _) in self.lingering.items() if h == name]:
@@ -218,6 +219,7 @@ class Dispatcher:
     def run_once(self) -> int:
         """Requeue jobs of lost hosts, then place what fits; returns jobs dispatched."""
         self._drop_silent()
+        self._renew_leases()
         running = self.store.by_status(Status.RUNNING)
         if self._requeue_lost(running):
             running = self.store.by_status(Status.RUNNING)
@@ -276,6 +278,21 @@ class Dispatcher:
                 return scheduler.Waiting(0, "starting", self.clock())
         return self.plan.waiting.get(job.id)
 
+    @property
+    def lost_after(self) -> float:
+        """How long a host must be down before its jobs are requeued: never within the
+        lease its agent may still be running them under."""
+        return max(self.settings.node_lost_after,
+                   self.settings.lease + self.settings.lease_margin)
+
+    def _renew_leases(self) -> None:
+        now = self.mono()
+        every = min(LEASE_RENEW, self.settings.lease / 3)
+        for node in self.nodes.values():
+            if node.link.connected and now - node.lease_sent >= every:
+                node.lease_sent = now
+                self._send(node.link, messages.Lease(seconds=self.settings.lease))
+
     def _drop_silent(self) -> None:
         """A connected host silent past the heartbeat timeout is down: reconnect to it."""
         now = self.mono()
@@ -322,7 +339,7 @@ class Dispatcher:
             since = node.down_since(now, self.settings.heartbeat_timeout) if node else None
             if node is None:
                 why = f"host {job.node} is no longer in the inventory"
-            elif since is not None and now - since > self.settings.node_lost_after:
+            elif since is not None and now - since > self.lost_after:
                 why = f"node lost: host {job.node} down for {now - since:.0f} s"
             else:
                 continue
@@ -388,6 +405,8 @@ class Dispatcher:
             return
         node.hello, node.dirty, node.last_heard = hello, hello.dirty, self.mono()
         node.refresh()
+        node.lease_sent = self.mono()
+        self._send(link, messages.Lease(seconds=self.settings.lease))
         for problem in node.problems:
             log.warning("host %s: %s", node.name, problem)
         held = {(h.job_id, h.attempt): h for h in hello.jobs}
@@ -479,6 +498,11 @@ class Dispatcher:
                 reason = Reason(msg.reason)
             except ValueError:
                 reason = Reason.INFRA_ERROR
+            if reason is Reason.NODE_LOST:
+                # Its agent stopped it: the controller was out of reach past the lease.
+                self._requeue(job, f"node lost: {msg.detail}")
+                self._send(link, messages.Ack(job_id=msg.job_id, attempt=msg.attempt))
+                return
             if reason is Reason.REQUEUED:
                 # The agent would not start it (its GPUs were not free there): back to the
                 # queue, no retry counted; those GPUs wait for the agent's next heartbeat.

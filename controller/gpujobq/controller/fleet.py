@@ -70,6 +70,7 @@ class Node:
         self.task: asyncio.Task[None] | None = None
         self.removing = False  # gone from the inventory: drains, then goes
         self.last_heard: float | None = None  # dispatcher clock, last message of any kind
+        self.lease_sent = -math.inf  # when the last Lease went to its agent
         self.hello: messages.Hello | None = None
         self.dirty: tuple[messages.DirtyGPU, ...] = ()
         self.gpus: tuple[messages.GPU, ...] = ()

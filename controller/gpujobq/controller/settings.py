@@ -32,6 +32,11 @@ class Settings(msgspec.Struct, kw_only=True):
     keepalive: float = 10.0
     backoff_max: float = 30.0
     node_lost_after: float = 120.0
+    # Agents stop their jobs after `lease` seconds without a word from the controller; a
+    # down host's jobs are requeued only after max(node_lost_after, lease + lease_margin),
+    # so no job runs twice at once across a partition.
+    lease: float = 120.0
+    lease_margin: float = 15.0
     # A connected host not heard from (heartbeats come every 5 s) for this long is down.
     heartbeat_timeout: float = 20.0
     # How often inventory.yaml is checked for changes (it is also reloaded on SIGHUP).

@@ -73,7 +73,15 @@ class Ack(Msg, tag="ack", frozen=True, kw_only=True):
     attempt: int
 
 
-Down = RunJob | Cancel | Ack
+class Lease(Msg, tag="lease", frozen=True, kw_only=True):
+    """The controller is there. An agent that hears nothing from it for ``seconds`` stops
+    the jobs it runs (and reports them lost): the controller requeues them only after
+    the lease and a margin, so one job never runs twice at once across a partition."""
+
+    seconds: float
+
+
+Down = RunJob | Cancel | Ack | Lease
 
 
 # ---- agent -> controller -------------------------------------------------------------
