@@ -105,6 +105,7 @@ class Cluster:
         self.url = f"http://127.0.0.1:{self.port}"
         self.settings = {"grace": 1, **settings}
         self.proc: subprocess.Popen[bytes] | None = None
+        self.controller_env: dict[str, str] = {}  # e.g. a crash point for the next start
         self._db = database.open_database(self.db_path)
 
     def add_agent(self, gpus: int) -> Agent:
@@ -163,7 +164,7 @@ class Cluster:
         log = open(self.root / "controller.log", "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gpujobq.controller", "serve", *self.controller_args()],
-            stdout=log, stderr=subprocess.STDOUT, env=env(),
+            stdout=log, stderr=subprocess.STDOUT, env={**env(), **self.controller_env},
         )
         self.wait_ready()
 

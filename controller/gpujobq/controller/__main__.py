@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import pathlib
+import sqlite3
 import sys
 import time
 import urllib.error
@@ -21,7 +22,7 @@ import urllib.request
 from typing import Any
 
 import msgspec
-from gpujobq.controller import accounts, database, errors, fleetview
+from gpujobq.controller import accounts, database, errors, fleetview, results
 from gpujobq.controller.settings import Settings
 from gpujobq.protocol import inventory, sshkeys
 
@@ -88,6 +89,17 @@ def _parser() -> argparse.ArgumentParser:
     rl = sub.add_parser("reload", parents=[common, remote],
                         help="reload inventory.yaml now (same as SIGHUP) and say what changed")
     rl.set_defaults(func=_reload)
+
+    bk = sub.add_parser("backup", parents=[common],
+                        help="write a consistent copy of the database while it is in use")
+    bk.add_argument("dest", type=pathlib.Path, help="the copy (written to DEST.tmp, renamed)")
+    bk.add_argument("--force", action="store_true", help="replace an existing DEST")
+    bk.set_defaults(func=_backup)
+    pr = sub.add_parser("prune", parents=[common],
+                        help="delete result records (*.jsonl in --results-dir) older than N days")
+    pr.add_argument("--results-days", type=_days, required=True, metavar="N",
+                    help="remove records last written more than N days ago")
+    pr.set_defaults(func=_prune)
     return p
 
 
@@ -108,7 +120,10 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
 
     try:
         application = app.create_app(settings)
-    except (inventory.InventoryError, OSError, ValueError) as exc:
+        # Migrate, or refuse a newer schema, before serving: a clear error and exit 2.
+        database.open_database(settings.database).close()
+    except (inventory.InventoryError, errors.SchemaError, sqlite3.Error, OSError,
+            ValueError) as exc:
         print(f"gpujobq-controller: cannot start: {exc}", file=sys.stderr)
         return 2
     uvicorn.run(application, host=settings.host, port=settings.port,
@@ -201,6 +216,35 @@ def _nodes(settings: Settings, args: argparse.Namespace) -> int:
 def _reload(settings: Settings, args: argparse.Namespace) -> int:
     answer = _call(settings, args, "POST", "/api/admin/reload")
     print("inventory reloaded: " + ("; ".join(answer["changes"]) or "no changes"))
+    return 0
+
+
+def _backup(settings: Settings, args: argparse.Namespace) -> int:
+    size = database.backup(settings.database, args.dest, force=args.force)
+    print(f"{args.dest} {size} bytes (integrity_check ok)")
+    return 0
+
+
+def _days(text: str) -> float:
+    try:
+        days = float(text)
+    except ValueError:
+        days = -1.0
+    if not days > 0 or days == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of days")
+    return days
+
+
+def _prune(settings: Settings, args: argparse.Namespace) -> int:
+    folder = settings.results_dir
+    try:
+        removed = results.prune(folder, args.results_days, time.time())
+    except OSError as exc:
+        raise errors.ControllerError(f"cannot prune {folder}: {exc}") from exc
+    for name in removed:
+        print(folder / name)
+    print(f"removed {len(removed)} result record(s) older than {args.results_days:g} days "
+          f"from {folder}", file=sys.stderr)
     return 0
 
 

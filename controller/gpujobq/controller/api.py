@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 import msgspec
-from gpujobq.controller import accounts, errors, fleetview, results, service, store
+from gpujobq.controller import accounts, database, errors, fleetview, results, service, store
 from gpujobq.protocol import inventory, jobconfig
 from gpujobq.protocol.states import TERMINAL
 from litestar import Request, Response, get, post
@@ -247,6 +247,10 @@ ROUTES = [submit, status, result, jobs, cancel, health, nodes, reload]
 def error_response(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     """Every error, in the guide's shape: {"detail": "..."}."""
     headers: dict[str, str] = {}
+    if database.storage_failure(exc):
+        # The write was rolled back (database.write); reads go on working meanwhile.
+        log.error("%s %s -> 503, storage failure: %s", request.method, request.url.path, exc)
+        exc = errors.Unavailable(errors.STORAGE_UNAVAILABLE, headers={"Retry-After": "30"})
     if isinstance(exc, errors.ControllerError):
         code, detail, headers = exc.status_code, exc.detail, exc.headers
         log.info("%s %s -> %d %s", request.method, request.url.path, code, detail)

@@ -249,15 +249,10 @@ def backup(source: pathlib.Path, dest: pathlib.Path, *, force: bool = False) -> 
         os.replace(tmp, dest)
         _fsync_dir(dest.parent)
     except (OSError, sqlite3.Error) as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        if isinstance(exc, errors.ControllerError):
-            raise
         raise errors.ControllerError(f"backup to {dest} failed: {exc}") from exc
-    except errors.ControllerError:
+    finally:
         with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+            tmp.unlink()  # gone after the rename; a failed copy is not left behind
     return dest.stat().st_size
 
 

@@ -14,7 +14,7 @@ import pathlib
 import time
 from collections.abc import Callable
 
-from gpujobq.controller import agents, errors, fleet, results, scheduler, store
+from gpujobq.controller import agents, crashpoints, errors, fleet, results, scheduler, store
 from gpujobq.controller.settings import Settings
 from gpujobq.protocol import inventory as inventory_mod
 from gpujobq.protocol import messages
@@ -303,9 +303,11 @@ class Dispatcher:
                 node.link.drop(f"no heartbeat for {now - (node.last_heard or now):.0f} s")
 
     def _dispatch(self, assignment: scheduler.Assignment) -> None:
+        crashpoints.reach("before_dispatch")
         job = self.store.dispatch(
             assignment.job_id, assignment.host, [g.index for g in assignment.gpus]
         )
+        crashpoints.reach("after_dispatch")
         self.dispatched_at[job.id] = self.mono()
         code, config = self.store.payload(job.id)
         profile = self.inventory.profile_of_job(job.competition_id)
@@ -517,6 +519,7 @@ class Dispatcher:
                 files=[(f.name, f.data) for f in msg.files],
             )
             self._finished(job)
+            crashpoints.reach("before_ack")
         # Stored now (or stale, or stored before): the agent may drop its copy.
         self._send(link, messages.Ack(job_id=msg.job_id, attempt=msg.attempt))
         self.wake()

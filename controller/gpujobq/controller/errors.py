@@ -44,3 +44,18 @@ class TransitionError(ControllerError):
     """A guarded state change found the job in another state (or another attempt)."""
 
     status_code = 409
+
+
+class Unavailable(ControllerError):
+    """The server cannot do it now (its storage is full or not writable); retry later."""
+
+    status_code = 503
+
+
+class SchemaError(ControllerError):
+    """The database's schema cannot be used by this version of gpujobq."""
+
+
+STORAGE_UNAVAILABLE = (
+    "Server storage is full or not writable; nothing was stored. Try again later."
+)

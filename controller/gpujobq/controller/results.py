@@ -75,3 +75,34 @@ def write(folder: pathlib.Path, job: store.Job) -> pathlib.Path:
             os.fsync(fh.fileno())
         return path
     raise FileExistsError(f"{base}: both record names are taken")
+
+
+def prune(folder: pathlib.Path, older_than_days: float, now: float) -> list[str]:
+    """Delete result records last written more than ``older_than_days`` days before
+    ``now``; the names removed, sorted.
+
+    Only ``*.jsonl`` regular files directly in ``folder`` count: links (even to a record),
+    folders and anything else are left alone, and nothing is followed. A missing folder
+    has nothing to prune.
+    """
+    if older_than_days < 0:
+        raise ValueError(f"older_than_days must be >= 0, not {older_than_days}")
+    cutoff = now - older_than_days * 86400
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        return []
+    removed = []
+    try:
+        # Names relative to the open folder: a folder swapped for a link midway is not
+        # followed, and unlink of a name never touches what a link points to.
+        with os.scandir(fd) as entries:
+            for entry in entries:
+                if not entry.name.endswith(".jsonl") or not entry.is_file(follow_symlinks=False):
+                    continue
+                if entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                    os.unlink(entry.name, dir_fd=fd)
+                    removed.append(entry.name)
+    finally:
+        os.close(fd)
+    return sorted(removed)

@@ -5,7 +5,15 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 
-from gpujobq.controller import accounts, dispatcher, errors, ratelimit, scheduler, store
+from gpujobq.controller import (
+    accounts,
+    crashpoints,
+    dispatcher,
+    errors,
+    ratelimit,
+    scheduler,
+    store,
+)
 from gpujobq.controller.settings import Settings
 from gpujobq.protocol import jobconfig
 from gpujobq.protocol.states import TERMINAL, Status
@@ -74,6 +82,7 @@ class JobService:
             self.limits,
         )
         if created:
+            crashpoints.reach("after_commit")
             self.dispatcher.wake()
         return job
 
