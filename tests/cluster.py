@@ -118,13 +118,15 @@ class Cluster:
         return agent
 
     def host_entry(self, agent: Agent, labels: dict[str, str] | None = None,
-                   **extra: Any) -> str:
-        """One host of the inventory; every host has the label ``name: <its name>``."""
+                   address: str | None = None, port: int | None = None, **extra: Any) -> str:
+        """One host of the inventory; every host has the label ``name: <its name>``.
+
+        ``address``/``port`` reach the agent another way (through a test proxy)."""
         labels = {"name": agent.name, **(labels or {})}
         lines = [
             f"  - name: {agent.name}",
-            f"    address: {agent.address}",
-            f"    port: {agent.port}",
+            f"    address: {address or agent.address}",
+            f"    port: {port or agent.port}",
             f"    host_key_file: {agent.host_key}.pub",
             "    labels: {" + ", ".join(f"{k}: {v}" for k, v in labels.items()) + "}",
             "    gpus:",

@@ -67,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--output-size", type=int, default=limits.output_size,
                     help="bytes the job may write to /output (and per file)")
     sv.add_argument("--heartbeat", type=float, default=5.0, help="seconds between heartbeats")
+    sv.add_argument("--lease", type=float, default=core.DEFAULT_LEASE,
+                    help="seconds without a word from the controller before running jobs are "
+                         "stopped (until the controller sends its own value)")
     sv.set_defaults(func=_serve)
     return p
 
@@ -120,12 +123,20 @@ async def _run(args: argparse.Namespace, chosen: runtime.Runtime) -> None:
         stale = await chosen.remove_stale()
         if stale:
             logging.getLogger(__name__).warning("removed %d container(s) of earlier runs", stale)
+    store = spool.Spool(args.spool)
+    # Before the spool is recovered (which drops the folders of unfinished attempts, and
+    # with them the records of their processes) and before the controller can requeue
+    # those attempts here. Whatever the runtime now: only the process runtime leaves
+    # records, and `auto` may have chosen it last time. It logs each job it kills.
+    await asyncio.to_thread(process.kill_leftovers, store)
     agent = core.Agent(
         host=args.name,
         runtime=chosen,
-        spool=spool.Spool(args.spool),
+        spool=store,
         probe=gpus.Probe(),
+        lease=args.lease,
     )
+    lease_watch = asyncio.create_task(agent.watch_lease())
     if agent.gpus:
         logging.getLogger(__name__).info(
             "NVML: %s", "; ".join(f"GPU {g.index} {g.name} {g.uuid}" for g in agent.gpus))
@@ -138,6 +149,7 @@ async def _run(args: argparse.Namespace, chosen: runtime.Runtime) -> None:
         loop.add_signal_handler(sig, stop.set)
     with contextlib.suppress(asyncio.CancelledError):
         await stop.wait()
+    lease_watch.cancel()
     await srv.close()
     await agent.shutdown()
 

@@ -5,6 +5,11 @@ host's filesystem and network. It has its own session and process group, so a ti
 limit or a cancel stops everything it started. A competition's data mounts are not
 remapped: the job reads them at their host path (`source`), and nothing makes them
 read-only here.
+
+Each running job's process group is recorded in its attempt's spool folder
+(`process.json`) and the record is removed once the group is gone. An agent that was
+killed leaves its jobs running; on start, `kill_leftovers` kills those groups, so the
+attempt the controller requeues is never a second copy beside the first.
 """
 
 from __future__ import annotations
@@ -12,17 +17,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import os
 import pathlib
 import signal
+import time
+from typing import NamedTuple
 
+import msgspec
 from gpujobq.agent import capture, runtime
+from gpujobq.agent import spool as spool_mod
 from gpujobq.protocol import messages
 from gpujobq.protocol.states import Reason
+
+log = logging.getLogger(__name__)
 
 # After the job's main process is gone, how long its pipes may stay open (held by
 # something that left its process group) before the agent stops reading them.
 PIPE_LINGER = 5.0
+# How long kill_leftovers waits for a SIGKILLed group to be gone.
+LEFTOVER_WAIT = 5.0
 
 
 class ProcessRuntime:
@@ -54,6 +68,15 @@ class ProcessRuntime:
             return runtime.Outcome(
                 reason=Reason.INFRA_ERROR, exit_code=None, detail=f"could not start: {exc}"
             )
+        folder = workdir.parent  # SPOOL/<job_id>-a<attempt>/, see spool.py
+        try:
+            record_group(folder, proc.pid)
+        except OSError as exc:
+            # Unrecorded, it would outlive an agent crash unseen: do not run it at all.
+            _kill_group(proc.pid, signal.SIGKILL)
+            await proc.wait()
+            return runtime.Outcome(reason=Reason.INFRA_ERROR, exit_code=None,
+                                   detail=f"could not record the job's process: {exc}")
         report.started()
         out, err = (
             capture.CappedBuffer(job.output_cap, functools.partial(report.output, name))
@@ -69,6 +92,7 @@ class ProcessRuntime:
         finally:
             _kill_group(proc.pid, signal.SIGKILL)
             await proc.wait()
+            forget_group(folder)  # only now: a record outlives an agent killed before here
             _, pending = await asyncio.wait(readers, timeout=PIPE_LINGER)
             for task in pending:
                 task.cancel()
@@ -124,3 +148,128 @@ def _device_name(gpu: messages.GPU) -> str:
 def _kill_group(pgid: int, sig: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
+
+
+# ---- the record of a job's process group, and what an agent start does with it ----------
+
+
+class Record(msgspec.Struct, frozen=True):
+    pgid: int  # the job's main process, leader of its own session and group
+    start: int  # its start time, /proc/PID/stat field 22 (clock ticks since boot)
+    boot: str  # /proc/sys/kernel/random/boot_id: start times count again from each boot
+
+
+class _Stat(NamedTuple):
+    state: str
+    pgrp: int
+    start: int
+
+
+def record_group(folder: pathlib.Path, pid: int) -> None:
+    """Note in an attempt folder that ``pid`` leads the job's process group (atomically)."""
+    stat = _stat(pid)
+    if stat is None:
+        raise ProcessLookupError(f"process {pid} has no /proc entry")
+    tmp = folder / (spool_mod.PROCESS + ".tmp")
+    tmp.write_bytes(msgspec.json.encode(Record(pgid=pid, start=stat.start, boot=_boot_id())))
+    # No fsync: the record guards against the agent dying, not the host; a host that
+    # goes down takes the job's processes with it.
+    os.replace(tmp, folder / spool_mod.PROCESS)
+
+
+def forget_group(folder: pathlib.Path) -> None:
+    with contextlib.suppress(OSError):
+        (folder / spool_mod.PROCESS).unlink(missing_ok=True)
+
+
+def kill_leftovers(
+    spool: spool_mod.Spool, wait: float = LEFTOVER_WAIT
+) -> list[tuple[str, int]]:
+    """Kill the job processes an earlier agent left running; returns their (job, attempt).
+
+    Call at agent start, before the spool is recovered. Every attempt with a process
+    record and no stored result is dropped from the spool: its result is lost, and the
+    controller requeues it (a platform failure) since the agent's hello does not list it.
+    Attempts with a stored result are left as they are.
+    """
+    killed: list[tuple[str, int]] = []
+    for job_id, attempt, folder in spool.unfinished():
+        path = folder / spool_mod.PROCESS
+        if not path.exists():
+            continue
+        try:
+            rec = msgspec.json.decode(path.read_bytes(), type=Record)
+            leftover = _leftover(rec, job_id, attempt)
+        except (OSError, msgspec.DecodeError) as exc:
+            log.error("job %s attempt %d: unreadable process record: %s", job_id, attempt, exc)
+            leftover = False
+        if leftover:
+            log.warning("job %s attempt %d outlived the agent (process group %d): killing it; "
+                        "the attempt is lost and will be requeued", job_id, attempt, rec.pgid)
+            _kill_group(rec.pgid, signal.SIGKILL)
+            left = _wait_gone(rec.pgid, wait)
+            if left:
+                log.error("job %s attempt %d: processes %s still there after SIGKILL",
+                          job_id, attempt, left)
+            killed.append((job_id, attempt))
+        spool.drop(job_id, attempt)
+    return killed
+
+
+def _leftover(rec: Record, job_id: str, attempt: int) -> bool:
+    """Whether the recorded group still has processes, and they are certainly the job's."""
+    if rec.boot != _boot_id():
+        return False  # the host rebooted since: nothing of that job runs
+    leader = _stat(rec.pgid)
+    if leader is not None and leader.start != rec.start:
+        # The PID was reused, which the kernel does only once no process has the number
+        # as its PID, group or session: nothing of the job is left.
+        return False
+    members = _members(rec.pgid)
+    if leader is not None:
+        return bool(members)  # a leader can leave neither its session nor its group
+    # The leader is gone. Members of a group with its number may be the job's, or of a
+    # group made since under the reused number: kill only if one carries the job's marks.
+    return any(_carries(pid, job_id, attempt) for pid in members)
+
+
+def _wait_gone(pgid: int, wait: float) -> list[int]:
+    """Wait (bounded) until the group has no live process; returns those still there."""
+    deadline = time.monotonic() + wait
+    while (left := _members(pgid)) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return left
+
+
+def _stat(pid: int) -> _Stat | None:
+    try:
+        data = pathlib.Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    # "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses.
+    fields = data[data.rindex(b")") + 2 :].split()
+    return _Stat(state=fields[0].decode(), pgrp=int(fields[2]), start=int(fields[19]))
+
+
+def _members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of the process group."""
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            stat = _stat(int(name))
+            if stat is not None and stat.pgrp == pgid and stat.state not in ("Z", "X"):
+                found.append(int(name))
+    return found
+
+
+def _carries(pid: int, job_id: str, attempt: int) -> bool:
+    """Whether the process's environment names this job and attempt (see _environment)."""
+    try:
+        env = set(pathlib.Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"))
+    except OSError:
+        return False
+    return {f"GPUJOBQ_JOB_ID={job_id}".encode(), f"GPUJOBQ_ATTEMPT={attempt}".encode()} <= env
+
+
+def _boot_id() -> str:
+    return pathlib.Path("/proc/sys/kernel/random/boot_id").read_text().strip()

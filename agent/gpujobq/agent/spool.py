@@ -3,6 +3,7 @@
     SPOOL/<job_id>-a<attempt>/job/solution.py, job/config.yaml   what the job runs
     SPOOL/<job_id>-a<attempt>/output/                            what the job may write
     SPOOL/<job_id>-a<attempt>/result.msgpack                     the Exited, once written
+    SPOOL/<job_id>-a<attempt>/process.json                       process runtime: its group
 
 An agent that restarts re-reads its spool: results not yet acked are sent again.
 """
@@ -22,6 +23,7 @@ log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^(?P<job>[A-Za-z0-9_-]{1,64})-a(?P<attempt>[0-9]{1,9})$")
 RESULT = "result.msgpack"
+PROCESS = "process.json"  # written and read by the process runtime (process.py)
 
 
 class SpoolError(ValueError):
@@ -69,16 +71,29 @@ class Spool:
     def drop(self, job_id: str, attempt: int) -> None:
         shutil.rmtree(self.folder(job_id, attempt), ignore_errors=True)
 
+    def unfinished(self) -> list[tuple[str, int, pathlib.Path]]:
+        """(job_id, attempt, folder) of every attempt with no result stored."""
+        return [(job_id, attempt, folder) for job_id, attempt, folder in self._attempts()
+                if not (folder / RESULT).exists()]
+
+    def _attempts(self) -> list[tuple[str, int, pathlib.Path]]:
+        found = []
+        for entry in sorted(self.root.iterdir()):
+            name = _NAME.match(entry.name)
+            if name and entry.is_dir():
+                found.append((name["job"], int(name["attempt"]), entry))
+        return found
+
     def recover(self) -> list[messages.Exited]:
         """Results kept from before a restart; folders of jobs that never finished are removed.
 
         A job that was running when the agent stopped is not reported: the controller
         sees it missing from the agent's held jobs and requeues it as a platform failure.
+        Run ``process.kill_leftovers`` first: the folders dropped here hold the records of
+        job processes an earlier agent may have left running.
         """
         kept: list[messages.Exited] = []
-        for entry in sorted(self.root.iterdir()):
-            if not _NAME.match(entry.name) or not entry.is_dir():
-                continue
+        for _, _, entry in self._attempts():
             try:
                 data = (entry / RESULT).read_bytes()
                 kept.append(msgspec.msgpack.decode(data, type=messages.Exited))
