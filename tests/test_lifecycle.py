@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pathlib
 import signal
+import time
 
 from tests import cluster as cluster_mod
 
@@ -87,3 +88,31 @@ def test_job_events_tell_the_whole_story(tmp_path: pathlib.Path) -> None:
             ("running", "running", "started"),
             ("running", "completed", "exit_code"),
         ]
+
+
+def test_sigterm_answers_waiting_submits_with_their_job_id(tmp_path: pathlib.Path) -> None:
+    import concurrent.futures
+
+    with cluster_mod.running(tmp_path) as c:
+        user = c.user()
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(c.submit, user, SLEEP.format(4))
+            deadline = time.monotonic() + 20
+            while not c._db.execute("SELECT 1 FROM jobs WHERE user_id = ? AND status = "
+                                    "'running'", [user.name]).fetchone():
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            assert c.proc is not None
+            c.proc.send_signal(signal.SIGTERM)
+            answer = waiting.result(timeout=10)
+        assert answer.status_code == 202
+        body = answer.json()
+        assert body["status"] == "running" and body["exit_code"] is None
+        # uvicorn re-raises the signal once it has shut down cleanly (systemd counts a stop
+        # by SIGTERM as a success)
+        assert c.proc.wait(10) in (0, -signal.SIGTERM)
+        # The job went on while the controller was away; the next one collects it.
+        c.start_controller()
+        final = c.wait_status(user, body["job_id"], {"completed", "failed"})
+        assert (final["status"], final["attempt"]) == ("completed", 1)
+        assert c._db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"

@@ -126,8 +126,21 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
             ValueError) as exc:
         print(f"gpujobq-controller: cannot start: {exc}", file=sys.stderr)
         return 2
-    uvicorn.run(application, host=settings.host, port=settings.port,
-                timeout_graceful_shutdown=5, log_level="info")
+
+    class Server(uvicorn.Server):
+        """On SIGTERM/SIGINT, before uvicorn drains connections: refuse new jobs and let
+        waiting submits answer with their job id (202) instead of being cut off."""
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            svc = getattr(application.state, "service", None)
+            loop = getattr(application.state, "loop", None)
+            if svc is not None and loop is not None:
+                loop.call_soon_threadsafe(svc.stop)
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(application, host=settings.host, port=settings.port,
+                            timeout_graceful_shutdown=5, log_level="info")
+    Server(config).run()
     return 0
 
 

@@ -121,6 +121,7 @@ def create_app(settings: Settings) -> Litestar:
             store=jobs, dispatcher=disp, settings=settings, clock=clock
         )
         app.state.reloader = reloader
+        app.state.loop = asyncio.get_running_loop()
         app.state.node_ids = jobs.node_ids(h.name for h in inv.hosts)
         tasks = [asyncio.create_task(disp.run(), name="dispatcher"),
                  asyncio.create_task(reloader.watch(settings.inventory_poll), name="inventory")]

@@ -55,6 +55,11 @@ class Watchers:
         for event in self._events.pop(job_id, []):
             event.set()
 
+    def notify_all(self) -> None:
+        """Wake every waiter (the controller is stopping: they answer with what they have)."""
+        for job_id in list(self._events):
+            self.notify(job_id)
+
     async def wait(self, job_id: str, timeout: float) -> None:
         event = asyncio.Event()
         self._events.setdefault(job_id, []).append(event)

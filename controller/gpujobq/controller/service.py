@@ -34,6 +34,7 @@ class JobService:
         self.dispatcher = dispatcher
         self.settings = settings
         self.clock = clock
+        self.stopping = False  # set on SIGTERM: no new jobs, waiters answer at once
         self.limits = ratelimit.Limits(
             submits=settings.submit_limit, window=settings.submit_window,
             active=settings.active_limit,
@@ -45,9 +46,17 @@ class JobService:
             raise errors.Unauthorized("Invalid or expired token")
         return user
 
+    def stop(self) -> None:
+        """Graceful stop begins: refuse new submissions, let every waiter answer now."""
+        self.stopping = True
+        self.dispatcher.watchers.notify_all()
+
     def submit(
         self, config: jobconfig.JobConfig, code: bytes, idempotency_key: str | None
     ) -> store.Job:
+        if self.stopping:
+            raise errors.Unavailable("Server is shutting down; submit again in a moment",
+                                     headers={"Retry-After": "5"})
         if idempotency_key is not None:
             # A retry gets its job back, even if the inventory changed in between.
             earlier = self.store.by_idempotency_key(config.user_id, idempotency_key)
@@ -108,7 +117,7 @@ class JobService:
 
     async def wait(self, job: store.Job, timeout: float) -> store.Job:
         """The job once terminal, or as it is after ``timeout`` seconds."""
-        if job.status not in TERMINAL:
+        if job.status not in TERMINAL and not self.stopping:
             await self.dispatcher.watchers.wait(job.id, timeout)
         fresh = self.store.get(job.id)
         assert fresh is not None
