@@ -116,3 +116,26 @@ def test_sigterm_answers_waiting_submits_with_their_job_id(tmp_path: pathlib.Pat
         final = c.wait_status(user, body["job_id"], {"completed", "failed"})
         assert (final["status"], final["attempt"]) == ("completed", 1)
         assert c._db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_after_a_controller_restart_live_output_is_there_again(tmp_path: pathlib.Path) -> None:
+    with cluster_mod.running(tmp_path) as c:
+        user = c.user()
+        code = "import time\nprint('first', flush=True)\ntime.sleep(4)\nprint('last')\n"
+        job_id = c.submit(user, code, wait=False).json()["job_id"]
+        deadline = time.monotonic() + 20
+        while c.get(user, "results", job_id).json()["stdout"] != "first\n":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        cluster_mod._stop(c.proc)
+        c.start_controller()
+        # The new controller re-attached to the running job's output from offset 0.
+        while True:
+            body = c.get(user, "results", job_id).json()
+            if body["stdout"] == "first\n":
+                break
+            assert body["status"] == "running" and time.monotonic() < deadline, body
+            time.sleep(0.05)
+        assert body["status"] == "running"
+        c.wait_status(user, job_id, {"completed"})
+        assert c.get(user, "results", job_id).json()["stdout"] == "first\nlast\n"

@@ -184,7 +184,9 @@ def test_reconcile_on_connect(w: World) -> None:
     w.d.on_connected(w.link, hello)  # type: ignore[arg-type]
     assert w.store.get("j1").status is Status.PENDING  # the agent lost it: requeued
     assert w.store.get("j2").status is Status.RUNNING
-    assert w.link.sent == [messages.Cancel(job_id="ghost", attempt=3)]
+    # The running one is re-attached from the output this controller has (none yet).
+    assert w.link.sent == [messages.Attach(job_id="j2", attempt=1, stdout=0, stderr=0),
+                           messages.Cancel(job_id="ghost", attempt=3)]
 
 
 def test_a_gpu_given_up_on_stays_taken_until_the_agent_lets_go(w: World) -> None:

@@ -49,6 +49,7 @@ class _Held:
         self.result: messages.Exited | None = None
         self.gpus = gpus  # indexes of the GPUs (or virtual slots) it was given
         self.lost = ""  # why the agent stopped it on its own (the lease ran out)
+        self.reporter: _Reporter | None = None  # while it runs
 
 
 class _Reporter:
@@ -58,7 +59,9 @@ class _Reporter:
         self.agent = agent
         self.run = run
         self.pending: dict[str, bytearray] = {"stdout": bytearray(), "stderr": bytearray()}
-        self.sent = {"stdout": 0, "stderr": 0}
+        # Everything sent so far (the kept head of each stream, so at most output_cap):
+        # a controller that reconnects asks for it again from the offset it has.
+        self.history: dict[str, bytearray] = {"stdout": bytearray(), "stderr": bytearray()}
         self.timer: asyncio.TimerHandle | None = None
 
     def started(self) -> None:
@@ -76,9 +79,19 @@ class _Reporter:
             if data:
                 self.agent._report(messages.Output(
                     job_id=self.run.job_id, attempt=self.run.attempt, stream=stream,
-                    offset=self.sent[stream], data=bytes(data)))
-                self.sent[stream] += len(data)
+                    offset=len(self.history[stream]), data=bytes(data)))
+                self.history[stream] += data
                 data.clear()
+
+    def resend(self, offsets: dict[str, int]) -> None:
+        """Output again from the offsets the controller has, then what is pending."""
+        for stream, start in offsets.items():
+            sent = self.history[stream]
+            if 0 <= start < len(sent):
+                self.agent._report(messages.Output(
+                    job_id=self.run.job_id, attempt=self.run.attempt, stream=stream,
+                    offset=start, data=bytes(sent[start:])))
+        self.flush()
 
     def close(self) -> None:
         if self.timer is not None:
@@ -202,6 +215,10 @@ class Agent:
         match msg:
             case messages.Lease(seconds=seconds):
                 self.lease = seconds
+            case messages.Attach(job_id=job_id, attempt=attempt):
+                held = self.jobs.get((job_id, attempt))
+                if held is not None and held.reporter is not None and held.result is None:
+                    held.reporter.resend({"stdout": msg.stdout, "stderr": msg.stderr})
             case messages.RunJob():
                 self._run(msg)
             case messages.Cancel(job_id=job_id, attempt=attempt):
@@ -318,7 +335,7 @@ class Agent:
                 reason=Reason.INFRA_ERROR, exit_code=None, detail=f"spool: {exc}"
             )
 
-        reporter = _Reporter(self, run)
+        reporter = held.reporter = _Reporter(self, run)
         try:
             return await self.runtime.run(run, workdir, held.cancel, reporter)
         except asyncio.CancelledError:

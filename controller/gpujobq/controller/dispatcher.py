@@ -425,6 +425,15 @@ class Dispatcher:
                 self._requeue(job, f"agent {link.name} no longer holds it (agent restarted)")
             elif job.cancel_requested and not entry.finished:
                 self._send(link, messages.Cancel(job_id=job.id, attempt=job.attempt))
+            elif not entry.finished:
+                # Re-attach to its live output from what this controller has (nothing,
+                # after a restart).
+                live = self.live.get(job.id)
+                if live is None or live.attempt != job.attempt:
+                    live = self.live[job.id] = LiveOutput(job.attempt)
+                self._send(link, messages.Attach(
+                    job_id=job.id, attempt=job.attempt, stdout=len(live.streams["stdout"]),
+                    stderr=len(live.streams["stderr"])))
         for (job_id, attempt), entry in held.items():
             job = self.store.get(job_id)
             ours = (

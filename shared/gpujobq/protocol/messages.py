@@ -81,7 +81,17 @@ class Lease(Msg, tag="lease", frozen=True, kw_only=True):
     seconds: float
 
 
-Down = RunJob | Cancel | Ack | Lease
+class Attach(Msg, tag="attach", frozen=True, kw_only=True):
+    """Send a running job's live output again from these offsets (what the controller has:
+    0 after a controller restart)."""
+
+    job_id: str
+    attempt: int
+    stdout: int = 0
+    stderr: int = 0
+
+
+Down = RunJob | Cancel | Ack | Lease | Attach
 
 
 # ---- agent -> controller -------------------------------------------------------------
