@@ -13,7 +13,7 @@ import socket
 import sys
 
 from gpujobq.agent import containers, core, gpus, process, runtime, server, spool
-from gpujobq.protocol import inventory
+from gpujobq.protocol import inventory, messages
 from gpujobq.protocol import sshkeys as keys
 
 DEFAULT_DIR = pathlib.Path("var/agent")
@@ -119,11 +119,22 @@ def _runtime(args: argparse.Namespace) -> runtime.Runtime | None:
 
 
 async def _run(args: argparse.Namespace, chosen: runtime.Runtime) -> None:
-    if isinstance(chosen, containers.DockerRuntime):
-        stale = await chosen.remove_stale()
-        if stale:
-            logging.getLogger(__name__).warning("removed %d container(s) of earlier runs", stale)
+    log = logging.getLogger(__name__)
     store = spool.Spool(args.spool)
+    # Containers outlive the agent: those of unfinished attempts are adopted, the rest
+    # (results stored, or nothing known of them) removed.
+    adopt: dict[tuple[str, int], tuple[messages.RunJob, pathlib.Path]] = {}
+    if isinstance(chosen, containers.DockerRuntime):
+        stale = []
+        for key, cid in (await chosen.leftovers()).items():
+            found = store.adoptable(*key) if key[1] > 0 else None
+            if found is None:
+                stale.append(cid)
+            else:
+                adopt[key] = found
+        await chosen.remove(stale)
+        if stale:
+            log.warning("removed %d container(s) of earlier runs", len(stale))
     # Before the spool is recovered (which drops the folders of unfinished attempts, and
     # with them the records of their processes) and before the controller can requeue
     # those attempts here. Whatever the runtime now: only the process runtime leaves
@@ -135,7 +146,10 @@ async def _run(args: argparse.Namespace, chosen: runtime.Runtime) -> None:
         spool=store,
         probe=gpus.Probe(),
         lease=args.lease,
+        keep=frozenset(adopt),
     )
+    for run, workdir in adopt.values():
+        agent.adopt(run, workdir)
     lease_watch = asyncio.create_task(agent.watch_lease())
     if agent.gpus:
         logging.getLogger(__name__).info(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import datetime as dt
 import functools
 import logging
 import os
@@ -196,28 +197,61 @@ class DockerRuntime:
             )
             for name in ("stdout", "stderr")
         )
+        # A container of this (job, attempt) may exist already: an agent that restarted
+        # adopts it, never starting the job a second time.
+        state = (await self._call(self._state, container)) or {}
+        phase = state.get("Status", "created")
+        elapsed = 0.0
+        if phase in ("exited", "dead"):
+            await self._call(_read_logs, container, out, err)
+            report.started()
+            return await self._outcome(container, Reason.EXIT_CODE, out, err, output_dir)
+        flood = asyncio.Event()
+        limit = job.output_cap * FLOOD_FACTOR
+
+        def on_flood() -> None:
+            loop.call_soon_threadsafe(flood.set)
+
         try:
-            stream = await self._call(container.attach, stdout=True, stderr=True, stream=True,
-                                      logs=True, demux=True)
-            await self._call(container.start)
+            if phase == "created":
+                stream = await self._call(container.attach, stdout=True, stderr=True,
+                                          stream=True, logs=True, demux=True)
+                await self._call(container.start)
+                pump = asyncio.ensure_future(
+                    self._call(_pump, stream, out, err, limit, on_flood))
+            else:
+                # Attaching to a running container gives only what comes next: follow its
+                # logs from the start instead, one stream each.
+                elapsed = _since(state.get("StartedAt", ""))
+                log.info("job %s attempt %d: adopted its container (running %.0f s)",
+                         job.job_id, job.attempt, elapsed)
+                streams = [await self._call(container.logs, stdout=name == "stdout",
+                                            stderr=name == "stderr", stream=True, follow=True)
+                           for name in ("stdout", "stderr")]
+                pump = asyncio.gather(*(
+                    self._call(_pump_one, chunks, buf, (out, err), limit, on_flood)
+                    for chunks, buf in zip(streams, (out, err), strict=True)))
         except docker.errors.APIError as exc:
             return _infra(f"docker start failed: {_explain(exc)}")
         report.started()
-        flood = asyncio.Event()
-        pump = asyncio.ensure_future(self._call(
-            _pump, stream, out, err, job.output_cap * FLOOD_FACTOR,
-            lambda: loop.call_soon_threadsafe(flood.set),
-        ))
         try:
-            reason = await self._supervise(container, job, cancel, flood, output_dir)
-            status = await self._call(container.wait)
+            reason = await self._supervise(container, job, cancel, flood, output_dir,
+                                           max(0.0, job.time_limit - elapsed))
+            await self._call(container.wait)
+        except asyncio.CancelledError:
+            # The agent itself is stopping: the container runs on, and the next agent
+            # adopts it (its spool folder stays).
+            raise
         except BaseException:
-            # The agent itself is stopping: the job must not outlive it.
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._call(container.kill))
             raise
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(pump), 10)
+        return await self._outcome(container, reason, out, err, output_dir)
+
+    async def _outcome(self, container: Any, reason: Reason, out: capture.CappedBuffer,
+                       err: capture.CappedBuffer, output_dir: pathlib.Path) -> runtime.Outcome:
         state = (await self._call(self._state, container)) or {}
         if reason is Reason.EXIT_CODE and state.get("OOMKilled"):
             reason = Reason.OOM
@@ -225,7 +259,7 @@ class DockerRuntime:
             outputs.collect, output_dir, min(FILES_CAP, self.limits.output_size))
         return runtime.Outcome(
             reason=reason,
-            exit_code=int(status.get("StatusCode", -1)),
+            exit_code=int(state.get("ExitCode", -1)),
             stdout=out.value(),
             stderr=err.value(),
             detail=f"skipped in output: {', '.join(skipped[:20])}" if skipped else "",
@@ -239,6 +273,7 @@ class DockerRuntime:
         cancel: asyncio.Event,
         flood: asyncio.Event,
         output_dir: pathlib.Path,
+        time_left: float,
     ) -> Reason:
         exited = asyncio.ensure_future(self._call(container.wait))
         watchers = {
@@ -248,7 +283,7 @@ class DockerRuntime:
         }
         try:
             done, _ = await asyncio.wait(
-                {exited, *watchers}, timeout=job.time_limit, return_when=asyncio.FIRST_COMPLETED
+                {exited, *watchers}, timeout=time_left, return_when=asyncio.FIRST_COMPLETED
             )
         finally:
             for task in watchers:
@@ -294,17 +329,23 @@ class DockerRuntime:
         """Remove the job's container once its result is stored."""
         await self._call(self._remove, [container_name(job_id, attempt)])
 
-    async def remove_stale(self) -> int:
-        """Remove this agent's containers: after a restart none of them is wanted any more.
-
-        Their jobs were not reported, so the controller requeues them.
-        """
+    async def leftovers(self) -> dict[tuple[str, int], str]:
+        """This agent's containers from before a restart: (job, attempt) -> container id."""
         found = await self._call(
             self.client.containers.list, all=True, sparse=True,
             filters={"label": [LABEL_JOB, f"{LABEL_HOST}={self.host}"]},
         )
-        await self._call(self._remove, [c.id for c in found])
-        return len(found)
+        out = {}
+        for c in found:
+            labels = c.attrs.get("Labels") or {}
+            try:
+                out[(labels[LABEL_JOB], int(labels[LABEL_ATTEMPT]))] = c.id
+            except (KeyError, ValueError):
+                out[("?", -len(out) - 1)] = c.id  # not ours to adopt: removed
+        return out
+
+    async def remove(self, ids: Iterable[str]) -> None:
+        await self._call(self._remove, list(ids))
 
     def _remove(self, names: Iterable[str]) -> None:
         for name in names:
@@ -323,6 +364,34 @@ def _pump(stream: Iterable[tuple[bytes | None, bytes | None]], out: capture.Capp
         if not flooded and out.total + err.total > flood_limit:
             flooded = True
             on_flood()
+
+
+def _pump_one(chunks: Iterable[bytes], buf: capture.CappedBuffer,
+              both: tuple[capture.CappedBuffer, capture.CappedBuffer], flood_limit: int,
+              on_flood: Callable[[], None]) -> None:
+    flooded = False
+    for chunk in chunks:
+        buf.feed(chunk)
+        if not flooded and both[0].total + both[1].total > flood_limit:
+            flooded = True
+            on_flood()
+
+
+def _read_logs(container: Any, out: capture.CappedBuffer, err: capture.CappedBuffer) -> None:
+    """All a finished container printed (it ended while no agent was watching)."""
+    out.feed(container.logs(stdout=True, stderr=False))
+    err.feed(container.logs(stdout=False, stderr=True))
+
+
+def _since(started_at: str) -> float:
+    """Seconds since docker's StartedAt ("2026-11-28T04:30:00.123456789Z")."""
+    try:
+        head, _, frac = started_at.rstrip("Z").partition(".")
+        when = dt.datetime.fromisoformat(head).replace(tzinfo=dt.UTC)
+        seconds = (dt.datetime.now(dt.UTC) - when).total_seconds() - float(f"0.{frac or 0}")
+    except ValueError:
+        return 0.0
+    return max(0.0, seconds)
 
 
 def _infra(detail: str) -> runtime.Outcome:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import pathlib
 import time
 from collections.abc import Callable, Iterable
 from typing import Protocol
@@ -110,6 +111,7 @@ class Agent:
         clock: Callable[[], float] = time.time,
         lease: float = DEFAULT_LEASE,
         monotonic: Callable[[], float] = time.monotonic,
+        keep: frozenset[Key] = frozenset(),
     ) -> None:
         self.host = host
         self.runtime = runtime
@@ -124,7 +126,7 @@ class Agent:
         self.check_gpus(g.index for g in self.gpus)  # anything left from before we started
         self.jobs: dict[Key, _Held] = {}
         self._send: Sender | None = None
-        for exited in spool.recover():
+        for exited in spool.recover(keep=keep):
             held = _Held()
             held.result = exited
             self.jobs[(exited.job_id, exited.attempt)] = held
@@ -253,6 +255,12 @@ class Agent:
             return
         held.task = asyncio.create_task(self._execute(run, held), name=f"job {run.job_id}")
 
+    def adopt(self, run: messages.RunJob, workdir: pathlib.Path) -> None:
+        """Carry on with a job whose container outlived the previous agent."""
+        held = self.jobs[(run.job_id, run.attempt)] = _Held(tuple(g.index for g in run.gpus))
+        held.task = asyncio.create_task(self._execute(run, held, workdir),
+                                        name=f"job {run.job_id}")
+
     def _gpu_clash(self, run: messages.RunJob, gpus: tuple[int, ...]) -> str:
         for index in gpus:
             if index in self.dirty:
@@ -296,8 +304,9 @@ class Agent:
             await asyncio.sleep(interval)
             self.check_lease()
 
-    async def _execute(self, run: messages.RunJob, held: _Held) -> None:
-        outcome = await self._outcome(run, held)
+    async def _execute(self, run: messages.RunJob, held: _Held,
+                       workdir: pathlib.Path | None = None) -> None:
+        outcome = await self._outcome(run, held, workdir)
         if held.lost:
             outcome = runtime_mod.Outcome(
                 reason=Reason.NODE_LOST, exit_code=None, stdout=outcome.stdout,
@@ -327,9 +336,10 @@ class Agent:
         except Exception:
             log.exception("could not release what job %s held", run.job_id)
 
-    async def _outcome(self, run: messages.RunJob, held: _Held) -> runtime_mod.Outcome:
+    async def _outcome(self, run: messages.RunJob, held: _Held,
+                       workdir: pathlib.Path | None) -> runtime_mod.Outcome:
         try:
-            workdir = self.spool.prepare(run)
+            workdir = workdir or self.spool.prepare(run)
         except (OSError, spool_mod.SpoolError) as exc:
             return runtime_mod.Outcome(
                 reason=Reason.INFRA_ERROR, exit_code=None, detail=f"spool: {exc}"

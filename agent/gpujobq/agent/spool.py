@@ -4,6 +4,8 @@
     SPOOL/<job_id>-a<attempt>/output/                            what the job may write
     SPOOL/<job_id>-a<attempt>/result.msgpack                     the Exited, once written
     SPOOL/<job_id>-a<attempt>/process.json                       process runtime: its group
+    SPOOL/<job_id>-a<attempt>/run.msgpack                        the RunJob (no code): for
+                                                                 re-adopting its container
 
 An agent that restarts re-reads its spool: results not yet acked are sent again.
 """
@@ -24,6 +26,7 @@ log = logging.getLogger(__name__)
 _NAME = re.compile(r"^(?P<job>[A-Za-z0-9_-]{1,64})-a(?P<attempt>[0-9]{1,9})$")
 RESULT = "result.msgpack"
 PROCESS = "process.json"  # written and read by the process runtime (process.py)
+RUN = "run.msgpack"
 
 
 class SpoolError(ValueError):
@@ -46,8 +49,11 @@ class Spool:
         base = self.folder(run.job_id, run.attempt)
         if base.exists():
             shutil.rmtree(base)
+        base.mkdir(parents=True)
+        bare = msgspec.structs.replace(run, code=b"", config=b"")
+        (base / RUN).write_bytes(msgspec.msgpack.encode(bare))
         work = base / "job"
-        work.mkdir(parents=True)
+        work.mkdir()
         for name, data in (("solution.py", run.code), ("config.yaml", run.config)):
             (work / name).write_bytes(data)
             (work / name).chmod(0o644)
@@ -84,7 +90,22 @@ class Spool:
                 found.append((name["job"], int(name["attempt"]), entry))
         return found
 
-    def recover(self) -> list[messages.Exited]:
+    def adoptable(self, job_id: str, attempt: int) -> tuple[messages.RunJob, pathlib.Path] | None:
+        """The RunJob and work folder of an unfinished attempt whose container still runs."""
+        try:
+            base = self.folder(job_id, attempt)
+        except SpoolError:
+            return None
+        try:
+            run = msgspec.msgpack.decode((base / RUN).read_bytes(), type=messages.RunJob)
+        except (OSError, msgspec.DecodeError):
+            return None
+        if (base / RESULT).exists() or not (base / "job").is_dir():
+            return None
+        return run, base / "job"
+
+    def recover(self, keep: frozenset[tuple[str, int]] = frozenset()
+                ) -> list[messages.Exited]:
         """Results kept from before a restart; folders of jobs that never finished are removed.
 
         A job that was running when the agent stopped is not reported: the controller
@@ -93,7 +114,9 @@ class Spool:
         job processes an earlier agent may have left running.
         """
         kept: list[messages.Exited] = []
-        for _, _, entry in self._attempts():
+        for job_id, attempt, entry in self._attempts():
+            if (job_id, attempt) in keep and not (entry / RESULT).exists():
+                continue  # its container runs on: the agent adopts it
             try:
                 data = (entry / RESULT).read_bytes()
                 kept.append(msgspec.msgpack.decode(data, type=messages.Exited))
