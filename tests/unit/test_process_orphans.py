@@ -79,7 +79,8 @@ def test_record_names_the_group_and_its_start_time(store: spool.Spool,
     assert rec.pgid == proc.pid == os.getpgid(proc.pid)
     stat = pathlib.Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
     assert rec.start == int(stat[19])
-    assert sorted(p.name for p in folder.iterdir()) == sorted(["job", "output", spool.PROCESS, spool.RUN])
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == sorted(["job", "output", spool.PROCESS, spool.RUN])
     proc.kill()
     proc.wait()
 
