@@ -22,6 +22,7 @@ from typing import Any, Literal, TypeVar
 import docker
 import docker.errors
 import msgspec
+import requests
 from docker.types import DeviceRequest, LogConfig, Mount, Ulimit
 from gpujobq.agent import capture, outputs, runtime
 from gpujobq.protocol import messages
@@ -163,6 +164,7 @@ class DockerRuntime:
             user=limits.user or ("65534:65534" if uid == 0 else f"{uid}:{gid}"),
         )
         self.gpu_mode = gpu_mode
+        self.to_remove: set[str] = set()  # containers whose removal must be tried again
         # Each running job holds two threads for its whole life (wait, output stream), and
         # stop/kill must never queue behind them: the pool is sized far above the GPUs.
         self.pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="docker")
@@ -186,8 +188,12 @@ class DockerRuntime:
             container = await self._call(self._create, kwargs)
         except docker.errors.ImageNotFound:
             return _infra(f"image {image!r} is not present on this host")
-        except docker.errors.APIError as exc:
-            return _infra(f"docker create failed: {_explain(exc)}")
+        except (docker.errors.DockerException, requests.exceptions.ConnectionError) as exc:
+            if isinstance(exc, docker.errors.APIError):
+                return _infra(f"docker create failed: {_explain(exc)}")
+            # No daemon to ask (restarting?): hand the job back, it never started here.
+            return runtime.Outcome(reason=Reason.REQUEUED, exit_code=None,
+                                   detail=f"the docker daemon does not answer: {exc}")
         loop = asyncio.get_running_loop()
         # The stream is read on a pool thread: live pieces hop to the event loop.
         out, err = (
@@ -242,13 +248,45 @@ class DockerRuntime:
             # The agent itself is stopping: the container runs on, and the next agent
             # adopts it (its spool folder stays).
             raise
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._call(container.kill))
+            return self._daemon_lost(job, exc, out, err)
         except BaseException:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._call(container.kill))
             raise
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(pump), 10)
-        return await self._outcome(container, reason, out, err, output_dir)
+        try:
+            outcome = await self._outcome(container, reason, out, err, output_dir)
+            if (reason is Reason.EXIT_CODE and (outcome.exit_code or 0) > 128
+                    and await self._daemon_leaving()):
+                raise docker.errors.DockerException("it stopped the job's container")
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            return self._daemon_lost(job, exc, out, err)
+        return outcome
+
+    async def _daemon_leaving(self) -> bool:
+        """A container killed by a signal nobody here sent: is the daemon shutting down
+        (it stops every container first)? It stops answering within moments."""
+        for _ in range(10):
+            try:
+                await self._call(self.client.ping)
+            except Exception:
+                return True
+            await asyncio.sleep(0.2)
+        return False
+
+    @staticmethod
+    def _daemon_lost(job: messages.RunJob, exc: BaseException, out: capture.CappedBuffer,
+                     err: capture.CappedBuffer) -> runtime.Outcome:
+        # The daemon went away under the job (restarted, crashed): a platform failure, so
+        # the job runs again, never the user's fault.
+        log.warning("job %s attempt %d: lost the docker daemon: %s", job.job_id, job.attempt,
+                    exc)
+        return runtime.Outcome(reason=Reason.NODE_LOST, exit_code=None, stdout=out.value(),
+                               stderr=err.value(), detail=f"the docker daemon went away: {exc}")
 
     async def _outcome(self, container: Any, reason: Reason, out: capture.CappedBuffer,
                        err: capture.CappedBuffer, output_dir: pathlib.Path) -> runtime.Outcome:
@@ -326,8 +364,23 @@ class DockerRuntime:
         return state
 
     async def release(self, job_id: str, attempt: int) -> None:
-        """Remove the job's container once its result is stored."""
-        await self._call(self._remove, [container_name(job_id, attempt)])
+        """Remove the job's container once its result is stored (later, if the daemon is
+        away now: `housekeeping` tries again)."""
+        name = container_name(job_id, attempt)
+        try:
+            await self._call(self._remove, [name])
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            log.warning("could not remove container %s yet: %s", name, exc)
+            self.to_remove.add(name)
+
+    async def housekeeping(self) -> None:
+        """Remove containers that could not be removed when their job ended."""
+        for name in list(self.to_remove):
+            try:
+                await self._call(self._remove, [name])
+            except (docker.errors.DockerException, requests.exceptions.RequestException):
+                return  # still away: next time
+            self.to_remove.discard(name)
 
     async def leftovers(self) -> dict[tuple[str, int], str]:
         """This agent's containers from before a restart: (job, attempt) -> container id."""

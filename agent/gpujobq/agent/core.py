@@ -300,9 +300,16 @@ class Agent:
         return stopped
 
     async def watch_lease(self, interval: float = 1.0) -> None:
+        """Every second: the lease, and the runtime's own chores (if it has any)."""
+        chores = getattr(self.runtime, "housekeeping", None)
         while True:
             await asyncio.sleep(interval)
             self.check_lease()
+            if chores is not None:
+                try:
+                    await chores()
+                except Exception:
+                    log.exception("runtime housekeeping failed")
 
     async def _execute(self, run: messages.RunJob, held: _Held,
                        workdir: pathlib.Path | None = None) -> None:

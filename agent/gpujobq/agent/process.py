@@ -169,7 +169,9 @@ def record_group(folder: pathlib.Path, pid: int) -> None:
     """Note in an attempt folder that ``pid`` leads the job's process group (atomically)."""
     stat = _stat(pid)
     if stat is None:
-        raise ProcessLookupError(f"process {pid} has no /proc entry")
+        # It has ended and been reaped already (a job that exits at once): the group's
+        # end is handled by the runtime as it stops the job; nothing to record.
+        return
     tmp = folder / (spool_mod.PROCESS + ".tmp")
     tmp.write_bytes(msgspec.json.encode(Record(pgid=pid, start=stat.start, boot=_boot_id())))
     # No fsync: the record guards against the agent dying, not the host; a host that

@@ -88,8 +88,6 @@ CREATE TABLE IF NOT EXISTS job_files (     -- regular files a job left in /outpu
 """
 
 
-
-
 def open_database(path: pathlib.Path) -> sqlite_utils.Database:
     """Open (or create) the database and bring its schema to VERSION.
 
