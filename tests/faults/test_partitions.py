@@ -112,6 +112,10 @@ def outcome(c: Cluster, user: User, job_id: str) -> dict[str, Any]:
     final["stdout"] = c.get(user, "results", job_id).json()["stdout"]
     final["events"] = [e[0] for e in c._db.execute(
         "SELECT reason FROM job_events WHERE job_id = ? ORDER BY id", [job_id])]
+    # After every scenario: nothing stuck, the database sound.
+    assert c._db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert c._db.execute("SELECT COUNT(*) FROM jobs WHERE status IN ('pending', "
+                         "'running')").fetchone()[0] == 0
     return final
 
 

@@ -43,3 +43,16 @@ async def test_silence_past_the_lease_stops_jobs_and_reports_them_lost(
                              "(lease 10 s)")
     # The result is kept for the controller like any other.
     assert [(h.job_id, h.finished) for h in agent.held()] == [("job1", True)]
+
+
+async def test_a_spool_the_agent_cannot_write_is_a_platform_failure(
+        tmp_path: pathlib.Path) -> None:
+    store = spool.Spool(tmp_path)
+    agent = core.Agent(host="h", runtime=BlockingRuntime(), spool=store)
+    sent: list[messages.Up] = []
+    agent.attach(sent.append)
+    store.folder("job1", 1).write_text("in the way")  # a file where the folder must go
+    agent.handle(run_job(()))
+    await asyncio.wait_for(agent.jobs[("job1", 1)].task, 5)  # type: ignore[arg-type]
+    (exited,) = [m for m in sent if isinstance(m, messages.Exited)]
+    assert exited.reason == "node_lost" and exited.detail.startswith("agent spool: ")

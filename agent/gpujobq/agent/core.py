@@ -348,8 +348,11 @@ class Agent:
         try:
             workdir = workdir or self.spool.prepare(run)
         except (OSError, spool_mod.SpoolError) as exc:
+            # The host's disk, not the job: a platform failure, retried (within the
+            # retry budget) where there is room.
+            log.error("job %s: cannot prepare its spool folder: %s", run.job_id, exc)
             return runtime_mod.Outcome(
-                reason=Reason.INFRA_ERROR, exit_code=None, detail=f"spool: {exc}"
+                reason=Reason.NODE_LOST, exit_code=None, detail=f"agent spool: {exc}"
             )
 
         reporter = held.reporter = _Reporter(self, run)
