@@ -48,7 +48,7 @@ def check_consistent(c: Cluster) -> None:
 
 
 @pytest.mark.parametrize("point", ["after_commit", "before_dispatch", "after_dispatch",
-                                   "before_ack"])
+                                   "before_record", "before_ack"])
 def test_a_crash_at_each_point_is_recovered(tmp_path: pathlib.Path, point: str) -> None:
     c = Cluster(tmp_path)
     c.controller_env = {"GPUJOBQ_CRASH_AT": point}

@@ -66,7 +66,7 @@ def test_two_gpu_job_spec_is_exactly_this() -> None:
         "ulimits": [Ulimit(name="nofile", soft=512, hard=512),
                     Ulimit(name="core", soft=0, hard=0),
                     Ulimit(name="fsize", soft=1 << 22, hard=1 << 22)],
-        "log_config": LogConfig(type="json-file", config={"max-size": "10m", "max-file": "1"}),
+        "log_config": LogConfig(type="json-file", config={"max-size": "10m", "max-file": "2"}),
         "stdin_open": False,
         "tty": False,
         "device_requests": [DeviceRequest(device_ids=["GPU-aaa", "GPU-bbb"],

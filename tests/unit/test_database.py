@@ -125,7 +125,7 @@ def shape(db: database.sqlite_utils.Database) -> dict[str, object]:
 
 def test_a_new_file_gets_the_current_schema_and_version(tmp_path: pathlib.Path) -> None:
     db = database.open_database(tmp_path / "new.db")
-    assert database.VERSION == 2
+    assert database.VERSION == 3
     assert database.version(db) == database.VERSION
     assert db.execute("PRAGMA user_version").fetchone()[0] == database.VERSION
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -205,15 +205,15 @@ def test_each_step_commits_on_its_own_and_a_failing_step_rolls_back(
 ) -> None:
     def broken(db: database.sqlite_utils.Database) -> None:
         db.execute("CREATE TABLE half_done (x)")
-        raise RuntimeError("step 3 failed")
+        raise RuntimeError("step 4 failed")
 
     path = tmp_path / "v1.db"
     v1_file(path)
     monkeypatch.setattr(database, "MIGRATIONS", (*database.MIGRATIONS, broken))
-    monkeypatch.setattr(database, "VERSION", 3)
-    with pytest.raises(RuntimeError, match="step 3 failed"):
+    monkeypatch.setattr(database, "VERSION", 4)
+    with pytest.raises(RuntimeError, match="step 4 failed"):
         database.open_database(path)
-    assert user_version(path) == 2  # step 2 is kept, step 3 left nothing behind
+    assert user_version(path) == 3  # steps 2 and 3 are kept, step 4 left nothing behind
     conn = sqlite3.connect(path)
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
     conn.close()
@@ -398,3 +398,12 @@ def test_prune_command_prints_what_it_removed(
         with pytest.raises(SystemExit) as exited:
             controller_main.main(["prune", "--results-days", bad, "--results-dir", str(folder)])
         assert exited.value.code == 2
+
+
+def test_v3_counts_the_records_of_ended_jobs_as_written(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "v1.db"
+    v1_file(path)
+    db = database.open_database(path)
+    rows = db.execute("SELECT status, recorded FROM jobs").fetchall()
+    assert rows and all(rec == (status in ("completed", "failed", "cancelled"))
+                        for status, rec in rows)

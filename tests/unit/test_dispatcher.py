@@ -436,3 +436,21 @@ def test_leases_are_renewed_and_a_lost_report_requeues(w: World) -> None:
     job = w.store.get("j1")
     assert (job.status, job.retries) == (Status.PENDING, 1)
     assert w.link.sent[-1] == messages.Ack(job_id="j1", attempt=1)
+
+
+def test_a_record_a_crash_kept_from_being_written_is_written_once(
+        w: World, tmp_path: pathlib.Path) -> None:
+    w.submit("j1")
+    w.d.run_once()
+    w.d._record = lambda job: False  # type: ignore[method-assign]  # the crash came first
+    w.d.on_message(w.link, w.exited("j1", 1))  # type: ignore[arg-type]
+    del w.d._record
+    assert [j.id for j in w.store.unrecorded()] == ["j1"]
+    assert w.d.record_missing() == 1
+    assert w.d.record_missing() == 0
+    records = list((tmp_path / "results").glob("u_c_*.jsonl"))
+    assert len(records) == 1
+    # Written again after a crash between the write and its note: still one record.
+    w.store.db.execute("UPDATE jobs SET recorded = 0")
+    assert w.d.record_missing() == 1
+    assert list((tmp_path / "results").glob("u_c_*.jsonl")) == records

@@ -53,7 +53,9 @@ class Limits(msgspec.Struct, frozen=True, kw_only=True):
     shm_size: int = 2 << 30  # /dev/shm (PyTorch data loaders use it)
     output_size: int = 256 << 20  # the writable /output folder, and any one file
     nofile: int = 4096
-    log_size: str = "10m"  # docker's own json-file log; the agent reads the stream itself
+    # docker's json-file log, which the agent follows for the job's output (two files, so
+    # a reader briefly behind a fast writer loses nothing at a rotation)
+    log_size: str = "10m"
     # Never root in the container. "" means: the agent's own uid:gid when it is not root
     # (so it can always delete what the job wrote), else nobody (65534:65534).
     user: str = ""
@@ -126,7 +128,7 @@ def spec(
             Ulimit(name="fsize", soft=limits.output_size, hard=limits.output_size),
         ],
         "log_config": LogConfig(
-            type="json-file", config={"max-size": limits.log_size, "max-file": "1"}
+            type="json-file", config={"max-size": limits.log_size, "max-file": "2"}
         ),
         "stdin_open": False,
         "tty": False,
@@ -220,23 +222,20 @@ class DockerRuntime:
 
         try:
             if phase == "created":
-                stream = await self._call(container.attach, stdout=True, stderr=True,
-                                          stream=True, logs=True, demux=True)
                 await self._call(container.start)
-                pump = asyncio.ensure_future(
-                    self._call(_pump, stream, out, err, limit, on_flood))
             else:
-                # Attaching to a running container gives only what comes next: follow its
-                # logs from the start instead, one stream each.
                 elapsed = _since(state.get("StartedAt", ""))
                 log.info("job %s attempt %d: adopted its container (running %.0f s)",
                          job.job_id, job.attempt, elapsed)
-                streams = [await self._call(container.logs, stdout=name == "stdout",
-                                            stderr=name == "stderr", stream=True, follow=True)
-                           for name in ("stdout", "stderr")]
-                pump = asyncio.gather(*(
-                    self._call(_pump_one, chunks, buf, (out, err), limit, on_flood)
-                    for chunks, buf in zip(streams, (out, err), strict=True)))
+            # The output is read from the container's log, followed from its start, one
+            # stream each: the same whether the job starts now or was adopted, never
+            # twice (an attach that also replays logs can deliver early lines twice).
+            streams = [await self._call(container.logs, stdout=name == "stdout",
+                                        stderr=name == "stderr", stream=True, follow=True)
+                       for name in ("stdout", "stderr")]
+            pump = asyncio.gather(*(
+                self._call(_pump_one, chunks, buf, (out, err), limit, on_flood)
+                for chunks, buf in zip(streams, (out, err), strict=True)))
         except docker.errors.APIError as exc:
             return _infra(f"docker start failed: {_explain(exc)}")
         report.started()
@@ -404,19 +403,6 @@ class DockerRuntime:
         for name in names:
             with contextlib.suppress(docker.errors.NotFound):
                 self.client.containers.get(name).remove(force=True)
-
-
-def _pump(stream: Iterable[tuple[bytes | None, bytes | None]], out: capture.CappedBuffer,
-          err: capture.CappedBuffer, flood_limit: int, on_flood: Callable[[], None]) -> None:
-    flooded = False
-    for chunk_out, chunk_err in stream:
-        if chunk_out:
-            out.feed(chunk_out)
-        if chunk_err:
-            err.feed(chunk_err)
-        if not flooded and out.total + err.total > flood_limit:
-            flooded = True
-            on_flood()
 
 
 def _pump_one(chunks: Iterable[bytes], buf: capture.CappedBuffer,

@@ -1,15 +1,16 @@
 """Crash points for the fault suite: kill the controller at a chosen place in its work.
 
 ``GPUJOBQ_CRASH_AT=after_commit`` (or ``before_dispatch``, ``after_dispatch``,
-``before_ack``) makes the controller exit at once, as a SIGKILL would, the first time it
-reaches that point. Unset (always, in production) it costs one dictionary lookup.
+``before_record``, ``before_ack``) makes the controller exit at once, as a SIGKILL
+would, the first time it reaches that point. Unset (always, in production) it costs a
+string comparison.
 """
 
 from __future__ import annotations
 
 import os
 
-POINTS = ("after_commit", "before_dispatch", "after_dispatch", "before_ack")
+POINTS = ("after_commit", "before_dispatch", "after_dispatch", "before_record", "before_ack")
 _armed = os.environ.get("GPUJOBQ_CRASH_AT", "")
 
 

@@ -51,6 +51,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     node TEXT,
     gpus TEXT,                           -- JSON list of GPU indexes on the node
     gpu_count INTEGER NOT NULL DEFAULT 1, -- GPUs the job needs on one host
+    recorded INTEGER NOT NULL DEFAULT 0, -- its result record (results/*.jsonl) is written
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     idempotency_key TEXT,
     created_at REAL NOT NULL,
@@ -64,6 +65,8 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_user ON jobs(user_id, seq);
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, seq);
+CREATE INDEX IF NOT EXISTS jobs_unrecorded ON jobs(seq) WHERE recorded = 0
+    AND status IN ('completed', 'failed', 'cancelled');
 CREATE INDEX IF NOT EXISTS jobs_user_created ON jobs(user_id, created_at);
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency
     ON jobs(user_id, idempotency_key) WHERE idempotency_key IS NOT NULL;
@@ -173,7 +176,18 @@ def _add_column(db: sqlite_utils.Database, table: str, column: str, kind: str) -
         db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
 
-MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_to_v2,)
+def _to_v3(db: sqlite_utils.Database) -> None:
+    """Result records written are noted, so one lost to a crash is written on restart."""
+    if "recorded" not in db["jobs"].columns_dict:
+        _add_column(db, "jobs", "recorded", "INTEGER NOT NULL DEFAULT 0")
+        # Older versions wrote the record as the job ended: count those as written.
+        db.execute("UPDATE jobs SET recorded = 1"
+                   " WHERE status IN ('completed', 'failed', 'cancelled')")
+    db.execute("CREATE INDEX IF NOT EXISTS jobs_unrecorded ON jobs(seq) WHERE recorded = 0"
+               " AND status IN ('completed', 'failed', 'cancelled')")
+
+
+MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_to_v2, _to_v3)
 VERSION = 1 + len(MIGRATIONS)  # the schema this code reads and writes
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import pathlib
 import time
 from collections.abc import Callable
@@ -27,6 +28,7 @@ TICK = 1.0  # seconds between passes when nothing wakes the loop
 # way (or refused): it is requeued.
 UNHELD_AFTER = 30.0
 LEASE_RENEW = 5.0  # seconds between Lease messages to each agent
+RECORDS_EVERY = 30.0  # seconds between looks for result records still to write
 
 
 LinkFactory = Callable[[inventory_mod.Host, agents.Handler], agents.Link]
@@ -105,6 +107,7 @@ class Dispatcher:
         self.started_seen: dict[str, float] = {}  # monotonic, when Started arrived
         self._wake = asyncio.Event()
         self._running = False
+        self._records_checked = -math.inf
         self._stopped: set[asyncio.Task[None]] = set()  # link tasks cancelled, not yet done
         self.apply_inventory(inventory)
 
@@ -221,8 +224,32 @@ class Dispatcher:
                 self._stop(node)
             await asyncio.gather(*self._stopped, return_exceptions=True)
 
+    def _record(self, job: store.Job) -> bool:
+        """Write the job's result record, and note that it is written."""
+        try:
+            results.write(pathlib.Path(self.settings.results_dir), job)
+        except (OSError, ValueError):
+            log.exception("could not write the result record of job %s (tried again "
+                          "later)", job.id)
+            return False
+        self.store.mark_recorded(job.id)
+        return True
+
+    def record_missing(self) -> int:
+        """Result records a crash (or a full disk) kept from being written: write them."""
+        written = 0
+        for job in self.store.unrecorded():
+            if not self._record(job):
+                break
+            written += 1
+        return written
+
     def run_once(self) -> int:
         """Requeue jobs of lost hosts, then place what fits; returns jobs dispatched."""
+        now = self.mono()
+        if now - self._records_checked >= RECORDS_EVERY:
+            self._records_checked = now
+            self.record_missing()
         self._drop_silent()
         self._renew_leases()
         running = self.store.by_status(Status.RUNNING)
@@ -549,10 +576,8 @@ class Dispatcher:
         self.live.pop(job.id, None)
         self.dispatched_at.pop(job.id, None)
         self.started_seen.pop(job.id, None)
-        try:
-            results.write(pathlib.Path(self.settings.results_dir), job)
-        except OSError:
-            log.exception("could not write the result record of job %s", job.id)
+        crashpoints.reach("before_record")  # the job is stored as ended; its record not yet
+        self._record(job)
         self.watchers.notify(job.id)
         self.wake()
 

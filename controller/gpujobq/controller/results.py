@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import pathlib
+import stat
 
 import msgspec
 from gpujobq.controller import store
@@ -46,6 +47,21 @@ def text(data: bytes) -> str:
     return data.decode("utf-8", errors="replace")
 
 
+def _holds(path: pathlib.Path, job_id: str) -> bool:
+    """Whether an existing record (a regular file, never followed) is this job's."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+            return False
+        try:
+            return bool(msgspec.json.decode(fh.readline(1 << 26)).get("job_id") == job_id)
+        except (msgspec.DecodeError, AttributeError):
+            return False
+
+
 def write(folder: pathlib.Path, job: store.Job) -> pathlib.Path:
     for part in (job.user_id, job.competition_id):
         if not jobconfig.valid_id(part):
@@ -68,6 +84,8 @@ def write(folder: pathlib.Path, job: store.Job) -> pathlib.Path:
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
         except FileExistsError:
+            if _holds(path, job.id):
+                return path  # written before a crash: never a second record
             continue
         with os.fdopen(fd, "wb") as fh:
             fh.write(line)

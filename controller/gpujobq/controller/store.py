@@ -133,6 +133,17 @@ class Store:
         ).fetchone()
         return self.get(row[0]) if row else None
 
+    def unrecorded(self, limit: int = 100) -> list[Job]:
+        """Ended jobs whose result record is not written yet (a crash came between)."""
+        ids = [r[0] for r in self.db.execute(
+            "SELECT id FROM jobs WHERE recorded = 0 AND status IN ('completed', 'failed',"
+            " 'cancelled') ORDER BY seq LIMIT ?", [limit])]
+        return [job for i in ids if (job := self.get(i)) is not None]
+
+    def mark_recorded(self, job_id: str) -> None:
+        with database.write(self.db):
+            self.db.execute("UPDATE jobs SET recorded = 1 WHERE id = ?", [job_id])
+
     def queue(self) -> list[QueuedRow]:
         """Every pending job, in submission order."""
         rows = self.db.execute(
