@@ -31,6 +31,10 @@ def dc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     require_docker()
     with cluster_mod.running(tmp_path_factory.mktemp("adopt"), agent_args=AGENT) as c:
         yield c
+        # After every scenario: nothing stuck, the database sound.
+        assert c._db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert c._db.execute("SELECT COUNT(*) FROM jobs WHERE status IN ('pending', "
+                             "'running')").fetchone()[0] == 0
     assert docker.from_env().containers.list(all=True, filters={"label": "gpujobq.job"}) == []
 
 
