@@ -118,7 +118,34 @@ def test_another_users_job_is_the_same_404(cluster: Cluster, user: User) -> None
          "competition_id"),
         ("competition_id: c\ncompetition_id: d\nproject_id: p\nuser_id: {user}\n"
          "expected_time: 1\n", 400, "duplicate key"),
-        ("a: &x [1]\nb: *x\n", 400, "aliases"),
+        ("a: &x [1]\nb: *x\n", 400, "anchors are not allowed"),
+        (GOOD + "b: *x\n", 400, "aliases are not allowed"),
+        (GOOD + "x: !!python/object/apply:os.system ['touch /tmp/pwned']\n", 400,
+         "tags are not allowed"),
+        (GOOD + "x: !!binary aGk=\n", 400, "tags are not allowed"),
+        ("competition_id: !custom c\nproject_id: p\nuser_id: {user}\nexpected_time: 1\n",
+         400, "tags are not allowed"),
+        ("competition_id: c\nproject_id: p\nuser_id: {user}\nexpected_time: .nan\n", 422,
+         "expected_time"),
+        ("competition_id: c\nproject_id: p\nuser_id: {user}\nexpected_time: .inf\n", 422,
+         "expected_time"),
+        ("competition_id: c\nproject_id: p\nuser_id: {user}\nexpected_time: -5\n", 422,
+         "expected_time"),
+        ("competition_id: c\nproject_id: p\nuser_id: {user}\nexpected_time: 1e9\n", 422,
+         "expected_time"),
+        ("competition_id: c\nproject_id: p\nuser_id: {user}\nexpected_time: true\n", 422,
+         "expected_time"),
+        ("competition_id: c\nproject_id: " + "p" * 65 + "\nuser_id: {user}\n"
+         "expected_time: 1\n", 422, "project_id"),
+        ("competition_id: c\nproject_id: 'p\\n'\nuser_id: {user}\nexpected_time: 1\n", 422,
+         "project_id"),
+        ("competition_id: c\nproject_id: p/../q\nuser_id: {user}\nexpected_time: 1\n", 422,
+         "project_id"),
+        # What only the server sets cannot be sent.
+        (GOOD + "status: completed\n", 422, "unknown field `status`"),
+        (GOOD + "node: node-a\n", 422, "unknown field `node`"),
+        (GOOD + "attempt: 7\n", 422, "unknown field `attempt`"),
+        (GOOD + "time_limit: 99999\n", 422, "unknown field `time_limit`"),
         ("{{unclosed", 400, "not valid YAML"),
         ("- a list\n", 400, "mapping"),
         ("[" * 30000, 400, "nested too deeply"),
@@ -165,9 +192,52 @@ def test_missing_parts_and_empty_code(cluster: Cluster, user: User) -> None:
 
 
 def test_too_large_upload_is_413(cluster: Cluster, user: User) -> None:
-    r = post(cluster, user, GOOD.format(user=user.name), code="#" * (6 << 20))
+    r = post(cluster, user, GOOD.format(user=user.name), code="#" * (3 << 20))
     assert r.status_code == 413
-    assert "too large" in r.json()["detail"]
+    assert r.json() == {"detail": "Request body too large: at most 2097152 bytes"}
+
+
+def test_each_part_has_its_own_cap(cluster: Cluster, user: User) -> None:
+    r = post(cluster, user, GOOD.format(user=user.name), code="#" * ((1 << 20) + 1))
+    assert (r.status_code, r.json()) == (413, {
+        "detail": "code (solution.py) is too large: 1048577 bytes, at most 1048576"})
+    config = GOOD.format(user=user.name) + "#" * (64 << 10)
+    r = post(cluster, user, config)
+    assert r.status_code == 413
+    assert r.json()["detail"].startswith("config_file (config.yaml) is too large: ")
+    assert post(cluster, user, GOOD.format(user=user.name), code="#" * (1 << 20)
+                ).status_code == 200  # at the cap is fine
+    assert len(cluster.get(user, "jobs").json()) == 1
+
+
+def test_billion_laughs_is_refused_at_once(cluster: Cluster, user: User) -> None:
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)]
+    started = time.monotonic()
+    r = post(cluster, user, "\n".join(lines) + "\n")
+    assert time.monotonic() - started < 1.0
+    assert (r.status_code, "anchors are not allowed" in r.json()["detail"]) == (400, True)
+
+
+def test_only_the_two_form_fields_and_wait(cluster: Cluster, user: User) -> None:
+    config = GOOD.format(user=user.name)
+    base = {"code": ("s.py", "print(1)"), "config_file": ("c.yaml", config)}
+    cases = [
+        ({"data": {"status": "completed"}}, "", "Unknown form field 'status'"),
+        ({"data": {"node": "node-a"}}, "", "Unknown form field 'node'"),
+        ({}, "?attempt=3", "Unknown query parameter 'attempt'"),
+        ({}, "?wait=false&user_id=x", "Unknown query parameter 'user_id'"),
+    ]
+    for extra, query, words in cases:
+        r = requests.post(f"{cluster.url}/api/submit{query}", headers=user.headers,
+                          files=base, timeout=10, **extra)
+        assert (r.status_code, words in r.json()["detail"]) == (400, True), r.text
+    twice = [("code", ("s.py", "print(1)")), ("code", ("t.py", "print(2)")),
+             ("config_file", ("c.yaml", config))]
+    r = requests.post(f"{cluster.url}/api/submit", headers=user.headers, files=twice,
+                      timeout=10)
+    assert r.json() == {"detail": "Form field 'code' is sent 2 times; send it once"}
+    assert cluster.get(user, "jobs").json() == []
 
 
 def test_unknown_route_and_method(cluster: Cluster, user: User) -> None:

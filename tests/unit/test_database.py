@@ -125,7 +125,7 @@ def shape(db: database.sqlite_utils.Database) -> dict[str, object]:
 
 def test_a_new_file_gets_the_current_schema_and_version(tmp_path: pathlib.Path) -> None:
     db = database.open_database(tmp_path / "new.db")
-    assert database.VERSION == 3
+    assert database.VERSION == 4
     assert database.version(db) == database.VERSION
     assert db.execute("PRAGMA user_version").fetchone()[0] == database.VERSION
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -176,7 +176,7 @@ def test_a_file_made_before_versions_with_the_new_columns_opens(tmp_path: pathli
     path = tmp_path / "between.db"
     conn = sqlite3.connect(path)
     conn.executescript(database.SCHEMA)
-    conn.execute("INSERT INTO users VALUES ('root', 1.0, 1)")
+    conn.execute("INSERT INTO users (id, created_at, admin) VALUES ('root', 1.0, 1)")
     conn.commit()
     conn.close()
     assert user_version(path) == 0
@@ -205,15 +205,15 @@ def test_each_step_commits_on_its_own_and_a_failing_step_rolls_back(
 ) -> None:
     def broken(db: database.sqlite_utils.Database) -> None:
         db.execute("CREATE TABLE half_done (x)")
-        raise RuntimeError("step 4 failed")
+        raise RuntimeError("step 5 failed")
 
     path = tmp_path / "v1.db"
     v1_file(path)
     monkeypatch.setattr(database, "MIGRATIONS", (*database.MIGRATIONS, broken))
-    monkeypatch.setattr(database, "VERSION", 4)
-    with pytest.raises(RuntimeError, match="step 4 failed"):
+    monkeypatch.setattr(database, "VERSION", 5)
+    with pytest.raises(RuntimeError, match="step 5 failed"):
         database.open_database(path)
-    assert user_version(path) == 3  # steps 2 and 3 are kept, step 4 left nothing behind
+    assert user_version(path) == 4  # steps 2 to 4 are kept, step 5 left nothing behind
     conn = sqlite3.connect(path)
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
     conn.close()
@@ -266,7 +266,7 @@ def test_storage_failures_are_told_apart_from_other_errors(tmp_path: pathlib.Pat
     database.open_database(path).close()
     readonly = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
     with pytest.raises(sqlite3.OperationalError) as real:
-        readonly.execute("INSERT INTO users VALUES ('x', 1, 0)")
+        readonly.execute("INSERT INTO users (id, created_at) VALUES ('x', 1)")
     readonly.close()
     assert database.storage_failure(real.value)
     for message in ("database or disk is full", "attempt to write a readonly database",

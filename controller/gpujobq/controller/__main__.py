@@ -59,15 +59,24 @@ def _parser() -> argparse.ArgumentParser:
     user = sub.add_parser("user", help="users").add_subparsers(required=True)
     add = user.add_parser("add", parents=[common], help="create a user and print a new token")
     add.add_argument("name")
-    add.add_argument("--days", type=float, help="token lifetime (default --token-days)")
+    add.add_argument("--days", type=_days, help="token lifetime (default --token-days)")
     add.add_argument("--admin", action="store_true",
                      help="may see and run the fleet (nodes, reload); makes an existing user one")
     add.set_defaults(func=_user_add)
+    user.add_parser("list", parents=[common], help="list users (admin, disabled, tokens)"
+                    ).set_defaults(func=_user_list)
+    dis = user.add_parser("disable", parents=[common],
+                          help="refuse all of a user's tokens from now on (jobs are left alone)")
+    dis.add_argument("name")
+    dis.set_defaults(func=_user_disable)
+    en = user.add_parser("enable", parents=[common], help="accept a disabled user's tokens again")
+    en.add_argument("name")
+    en.set_defaults(func=_user_enable)
 
     token = sub.add_parser("token", help="tokens").add_subparsers(required=True)
     issue = token.add_parser("issue", parents=[common], help="print a new token for a user")
     issue.add_argument("name")
-    issue.add_argument("--days", type=float)
+    issue.add_argument("--days", type=_days, help="token lifetime (default --token-days)")
     issue.set_defaults(func=_token_issue)
     ls = token.add_parser("list", parents=[common], help="list tokens (never their values)")
     ls.add_argument("name", nargs="?")
@@ -89,6 +98,15 @@ def _parser() -> argparse.ArgumentParser:
     rl = sub.add_parser("reload", parents=[common, remote],
                         help="reload inventory.yaml now (same as SIGHUP) and say what changed")
     rl.set_defaults(func=_reload)
+    job = sub.add_parser("job", help="any user's jobs (admin)").add_subparsers(required=True)
+    jc = job.add_parser("cancel", parents=[common, remote], help="cancel jobs of any user")
+    jc.add_argument("job_ids", nargs="+", metavar="JOB_ID")
+    jc.set_defaults(func=_job_action, action="cancel")
+    jr = job.add_parser("requeue", parents=[common, remote],
+                        help="put jobs back in the queue: a running one is stopped first "
+                             "(no retry counted), a finished one runs again")
+    jr.add_argument("job_ids", nargs="+", metavar="JOB_ID")
+    jr.set_defaults(func=_job_action, action="requeue")
 
     bk = sub.add_parser("backup", parents=[common],
                         help="write a consistent copy of the database while it is in use")
@@ -154,16 +172,50 @@ def _user_add(settings: Settings, args: argparse.Namespace) -> int:
     db = database.open_database(settings.database)
     now = time.time()
     created = accounts.add_user(db, args.name, now, admin=args.admin)
-    token = accounts.issue_token(db, args.name, now, args.days or settings.token_days)
+    token = accounts.issue_token(db, args.name, now, _lifetime(settings, args))
     print(f"# user {args.name} {'created' if created else 'exists'}; new token:", file=sys.stderr)
     print(token)
     return 0
 
 
+def _user_list(settings: Settings, args: argparse.Namespace) -> int:
+    db = database.open_database(settings.database)
+    print(f"{'USER':<24}{'ROLE':<8}{'STATE':<10}{'TOKENS':<8}CREATED")
+    for u in accounts.list_users(db, time.time()):
+        state = "disabled" if u.disabled_at else "active"
+        role = "admin" if u.admin else "user"
+        print(f"{u.id:<24}{role:<8}{state:<10}{u.active_tokens:<8}{_when(u.created_at)}")
+    return 0
+
+
+def _user_disable(settings: Settings, args: argparse.Namespace) -> int:
+    db = database.open_database(settings.database)
+    accounts.set_disabled(db, args.name, time.time())
+    active = [r[0] for r in db.execute(
+        "SELECT id FROM jobs WHERE user_id = ? AND status IN ('pending', 'running')"
+        " ORDER BY seq", [args.name])]
+    print(f"disabled {args.name}: its tokens are refused from now on")
+    if active:
+        print(f"its {len(active)} active job(s) go on; to stop them: gpujobq-controller job "
+              f"cancel {' '.join(active)}")
+    return 0
+
+
+def _user_enable(settings: Settings, args: argparse.Namespace) -> int:
+    db = database.open_database(settings.database)
+    accounts.set_disabled(db, args.name, None)
+    print(f"enabled {args.name}")
+    return 0
+
+
 def _token_issue(settings: Settings, args: argparse.Namespace) -> int:
     db = database.open_database(settings.database)
-    print(accounts.issue_token(db, args.name, time.time(), args.days or settings.token_days))
+    print(accounts.issue_token(db, args.name, time.time(), _lifetime(settings, args)))
     return 0
+
+
+def _lifetime(settings: Settings, args: argparse.Namespace) -> float:
+    return float(args.days) if args.days is not None else settings.token_days
 
 
 def _token_list(settings: Settings, args: argparse.Namespace) -> int:
@@ -230,6 +282,21 @@ def _reload(settings: Settings, args: argparse.Namespace) -> int:
     answer = _call(settings, args, "POST", "/api/admin/reload")
     print("inventory reloaded: " + ("; ".join(answer["changes"]) or "no changes"))
     return 0
+
+
+def _job_action(settings: Settings, args: argparse.Namespace) -> int:
+    """Each job in turn; all are tried, and the exit status says whether any failed."""
+    failed = 0
+    for job_id in args.job_ids:
+        try:
+            answer = _call(settings, args, "POST",
+                           f"/api/admin/{args.action}/{urllib.parse.quote(job_id, safe='')}")
+        except errors.ControllerError as exc:
+            print(f"{job_id}: {exc.detail}", file=sys.stderr)
+            failed += 1
+            continue
+        print(f"{answer['job_id']}: {answer['status']}")
+    return 1 if failed else 0
 
 
 def _backup(settings: Settings, args: argparse.Namespace) -> int:

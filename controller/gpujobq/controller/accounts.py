@@ -1,12 +1,17 @@
 """Users and their bearer tokens.
 
-Tokens are 32 random bytes; only their SHA-256 is stored (a slow password hash would
-cost every request and buys nothing for random secrets).
+A token is ``gjq_<id>_<secret>``: a public 12-hex-digit id (for listing and revoking)
+and 32 random bytes. Only the SHA-256 of the whole token is stored (a slow password
+hash would cost every request and buys nothing for random secrets). A request is
+authenticated by looking the id up and comparing digests in constant time, so how
+long a refusal takes says nothing about how much of a guess was right.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
+import re
 import secrets
 
 import msgspec
@@ -15,6 +20,15 @@ from gpujobq.controller import database, errors
 from gpujobq.protocol import jobconfig
 
 TOKEN_PREFIX = "gjq_"
+_TOKEN = re.compile(r"gjq_([0-9a-f]{12})_[A-Za-z0-9_-]{43}\Z")
+
+
+class UserInfo(msgspec.Struct, frozen=True):
+    id: str
+    created_at: float
+    admin: bool
+    disabled_at: float | None
+    active_tokens: int
 
 
 class TokenInfo(msgspec.Struct, frozen=True):
@@ -23,6 +37,9 @@ class TokenInfo(msgspec.Struct, frozen=True):
     created_at: float
     expires_at: float
     revoked_at: float | None
+
+
+_NOTHING = "0" * 64
 
 
 def _digest(token: str) -> str:
@@ -51,26 +68,63 @@ def is_admin(db: sqlite_utils.Database, user_id: str) -> bool:
     return bool(row and row[0])
 
 
+def set_disabled(db: sqlite_utils.Database, user_id: str, now: float | None) -> None:
+    """Disable a user (``now``: none of its tokens is accepted from then on) or enable it
+    again (None); its tokens are kept, so enabling gives back the same access."""
+    with database.write(db):
+        cur = db.execute("UPDATE users SET disabled_at = ? WHERE id = ?", [now, user_id])
+        if cur.rowcount != 1:
+            raise errors.NotFound(f"no user {user_id!r}")
+
+
+def list_users(db: sqlite_utils.Database, now: float) -> list[UserInfo]:
+    rows = db.execute(
+        "SELECT u.id, u.created_at, u.admin, u.disabled_at, (SELECT COUNT(*) FROM tokens t"
+        " WHERE t.user_id = u.id AND t.revoked_at IS NULL AND t.expires_at > ?)"
+        " FROM users u ORDER BY u.id", [now])
+    return [UserInfo(r[0], r[1], bool(r[2]), r[3], r[4]) for r in rows]
+
+
 def issue_token(db: sqlite_utils.Database, user_id: str, now: float, days: float) -> str:
     """A new token for an existing user; the plain token is returned once, never stored."""
-    token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    if not days > 0 or days == float("inf"):
+        raise errors.BadRequest(f"a token lifetime must be a positive number of days, not {days}")
     with database.write(db):
         if not db.execute("SELECT 1 FROM users WHERE id = ?", [user_id]).fetchone():
             raise errors.NotFound(f"no user {user_id!r}")
+        while True:
+            public = secrets.token_hex(6)
+            if not db.execute("SELECT 1 FROM tokens WHERE id = ?", [public]).fetchone():
+                break
+        token = f"{TOKEN_PREFIX}{public}_{secrets.token_urlsafe(32)}"
         db.execute(
             "INSERT INTO tokens (id, user_id, hash, created_at, expires_at) VALUES (?,?,?,?,?)",
-            [secrets.token_hex(6), user_id, _digest(token), now, now + days * 86400],
+            [public, user_id, _digest(token), now, now + days * 86400],
         )
     return token
 
 
 def authenticate(db: sqlite_utils.Database, token: str, now: float) -> str | None:
-    """The user a valid, unexpired, unrevoked token belongs to."""
-    row = db.execute(
-        "SELECT user_id FROM tokens WHERE hash = ? AND revoked_at IS NULL AND expires_at > ?",
-        [_digest(token), now],
-    ).fetchone()
-    return row[0] if row else None
+    """The user a valid, unexpired, unrevoked token of an enabled user belongs to."""
+    digest = _digest(token)
+    match = _TOKEN.match(token)
+    if match:
+        row = db.execute(
+            "SELECT t.user_id, t.hash FROM tokens t JOIN users u ON u.id = t.user_id"
+            " WHERE t.id = ? AND t.revoked_at IS NULL AND t.expires_at > ?"
+            " AND u.disabled_at IS NULL", [match[1], now],
+        ).fetchone()
+    else:
+        # Tokens issued before ids were part of them (``gjq_`` + 43 characters): found
+        # by digest, which does not depend on how much of a guess matches either.
+        row = db.execute(
+            "SELECT t.user_id, t.hash FROM tokens t JOIN users u ON u.id = t.user_id"
+            " WHERE t.hash = ? AND t.revoked_at IS NULL AND t.expires_at > ?"
+            " AND u.disabled_at IS NULL", [digest, now],
+        ).fetchone()
+    # Compared even when nothing was found, so both refusals take the same path.
+    same = hmac.compare_digest(row[1] if row else _NOTHING, digest)
+    return str(row[0]) if row is not None and same else None
 
 
 def token_id(db: sqlite_utils.Database, token: str) -> str | None:

@@ -6,8 +6,8 @@ import logging
 from typing import Any
 
 import msgspec
-from gpujobq.controller import accounts, database, errors, fleetview, results, service, store
-from gpujobq.protocol import inventory, jobconfig
+from gpujobq.controller import database, errors, results, service, store
+from gpujobq.protocol import jobconfig
 from gpujobq.protocol.states import TERMINAL
 from litestar import Request, Response, get, post
 from litestar.datastructures import UploadFile
@@ -59,7 +59,7 @@ class CancelReply(msgspec.Struct):
     reason: str | None
 
 
-def _service(request: Request[Any, Any, Any]) -> service.JobService:
+def service_of(request: Request[Any, Any, Any]) -> service.JobService:
     svc: service.JobService = request.app.state.service
     return svc
 
@@ -69,15 +69,15 @@ def _token(request: Request[Any, Any, Any]) -> str | None:
     return value.strip() or None if scheme.lower() == "bearer" else None
 
 
-def _user(request: Request[Any, Any, Any], claimed: str | None) -> str:
+def user_of(request: Request[Any, Any, Any], claimed: str | None) -> str:
     """The token's user; 401 for a bad token, 403 when ``claimed`` is someone else."""
-    user = _service(request).authenticate(_token(request))
+    user = service_of(request).authenticate(_token(request))
     if claimed is not None and claimed != user:
         raise errors.Forbidden(FORBIDDEN)
     return user
 
 
-def _id(path: str) -> str:
+def path_id(path: str) -> str:
     # Routes take the rest of the path, so an id with a slash in it reaches the same
     # "Job not found" as any other unknown id.
     return path.removeprefix("/")
@@ -85,29 +85,51 @@ def _id(path: str) -> str:
 
 def _result(request: Request[Any, Any, Any], job: store.Job) -> SubmitReply:
     """The guide's result shape; for a running job, what it has printed so far."""
-    stdout, stderr = _service(request).dispatcher.live_output(job)
+    stdout, stderr = service_of(request).dispatcher.live_output(job)
     return SubmitReply(
         job_id=job.id, status=job.status.value, stdout=results.text(stdout),
         stderr=results.text(stderr), exit_code=job.exit_code,
     )
 
 
-async def _part(form: Any, name: str) -> bytes:
-    value = form.get(name)
-    if value is None:
+FORM_FIELDS = ("code", "config_file")
+SUBMIT_QUERY = ("wait",)
+
+
+async def _part(form: Any, name: str, limit: int, what: str) -> bytes:
+    values = form.getall(name) if name in form else []
+    if not values:
         raise errors.BadRequest(f"Missing form field '{name}' (send it with -F '{name}=@FILE')")
-    if isinstance(value, UploadFile):
-        return await value.read()
-    return str(value).encode()
+    if len(values) > 1:
+        raise errors.BadRequest(f"Form field '{name}' is sent {len(values)} times; send it once")
+    value = values[0]
+    data = await value.read() if isinstance(value, UploadFile) else str(value).encode()
+    if len(data) > limit:
+        raise errors.TooLarge(f"{what} is too large: {len(data)} bytes, at most {limit}")
+    return data
+
+
+def _only_known(request: Request[Any, Any, Any], form: Any) -> None:
+    """Nothing else may ride along: a submission cannot set status, node, attempt...."""
+    for name in form:
+        if name not in FORM_FIELDS:
+            raise errors.BadRequest(
+                f"Unknown form field '{name}': a submission has only 'code' and 'config_file'")
+    for name in request.query_params:
+        if name not in SUBMIT_QUERY:
+            raise errors.BadRequest(
+                f"Unknown query parameter '{name}': /api/submit takes only 'wait'")
 
 
 @post("/api/submit", status_code=200)
 async def submit(request: Request[Any, Any, Any], wait: bool = True) -> Response[SubmitReply]:
-    svc = _service(request)
-    user = _user(request, None)
+    svc = service_of(request)
+    user = user_of(request, None)
     form = await request.form()
-    code = await _part(form, "code")
-    raw_config = await _part(form, "config_file")
+    _only_known(request, form)
+    limits = svc.settings
+    code = await _part(form, "code", limits.max_code, "code (solution.py)")
+    raw_config = await _part(form, "config_file", limits.max_config, "config_file (config.yaml)")
     if not code.strip():
         raise errors.BadRequest("Form field 'code' is empty")
     try:
@@ -131,8 +153,8 @@ async def submit(request: Request[Any, Any, Any], wait: bool = True) -> Response
 async def status(
     request: Request[Any, Any, Any], job_id: str, user_id: str | None = None
 ) -> StatusReply:
-    svc = _service(request)
-    job = svc.job_of(_id(job_id), _user(request, user_id))
+    svc = service_of(request)
+    job = svc.job_of(path_id(job_id), user_of(request, user_id))
     node_ids = request.app.state.node_ids
     waiting = svc.dispatcher.waiting(job)
     return StatusReply(
@@ -153,8 +175,8 @@ async def status(
 async def result(
     request: Request[Any, Any, Any], job_id: str, user_id: str | None = None
 ) -> SubmitReply:
-    svc = _service(request)
-    return _result(request, svc.job_of(_id(job_id), _user(request, user_id)))
+    svc = service_of(request)
+    return _result(request, svc.job_of(path_id(job_id), user_of(request, user_id)))
 
 
 @get("/api/jobs")
@@ -164,8 +186,8 @@ async def jobs(
     limit: int = 100,
     cursor: str | None = None,
 ) -> Response[list[JobItem]]:
-    svc = _service(request)
-    user = _user(request, user_id)
+    svc = service_of(request)
+    user = user_of(request, user_id)
     if not 1 <= limit <= MAX_PAGE:
         raise errors.BadRequest(f"limit must be between 1 and {MAX_PAGE}")
     before = None
@@ -190,14 +212,14 @@ async def jobs(
 async def cancel(
     request: Request[Any, Any, Any], job_id: str, user_id: str | None = None
 ) -> CancelReply:
-    svc = _service(request)
-    job = await svc.cancel(svc.job_of(_id(job_id), _user(request, user_id)))
+    svc = service_of(request)
+    job = await svc.cancel(svc.job_of(path_id(job_id), user_of(request, user_id)))
     return CancelReply(job_id=job.id, status=job.status.value, reason=job.reason)
 
 
 @get("/api/health")
 async def health(request: Request[Any, Any, Any]) -> dict[str, Any]:
-    links = _service(request).dispatcher.links
+    links = service_of(request).dispatcher.links
     return {
         "status": "ok",
         "agents": {
@@ -211,37 +233,7 @@ async def health(request: Request[Any, Any, Any]) -> dict[str, Any]:
     }
 
 
-# ---- admin ---------------------------------------------------------------------------
-
-
-def _admin(request: Request[Any, Any, Any]) -> str:
-    user = _user(request, None)
-    if not accounts.is_admin(_service(request).store.db, user):
-        raise errors.Forbidden("This needs an admin token")
-    return user
-
-
-@get("/api/admin/nodes")
-async def nodes(request: Request[Any, Any, Any]) -> fleetview.FleetReply:
-    _admin(request)
-    svc = _service(request)
-    return fleetview.describe(svc.dispatcher, request.app.state.reloader,
-                              request.app.state.node_ids)
-
-
-@post("/api/admin/reload", status_code=200)
-async def reload(request: Request[Any, Any, Any]) -> dict[str, Any]:
-    """Reload inventory.yaml now: the changes, or 400 with the error (the old one stays)."""
-    _admin(request)
-    try:
-        changes = request.app.state.reloader.reload()
-    except inventory.InventoryError as exc:
-        raise errors.BadRequest(f"inventory not reloaded (the last good one stays): {exc}") \
-            from exc
-    return {"status": "reloaded", "changes": changes}
-
-
-ROUTES = [submit, status, result, jobs, cancel, health, nodes, reload]
+ROUTES = [submit, status, result, jobs, cancel, health]
 
 
 def error_response(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
@@ -259,7 +251,7 @@ def error_response(request: Request[Any, Any, Any], exc: Exception) -> Response[
     elif isinstance(exc, HTTPException):
         code, detail = exc.status_code, exc.detail
         if code == 413:
-            limit = _service(request).settings.max_upload
+            limit = service_of(request).settings.max_upload
             detail = f"Request body too large: at most {limit} bytes"
         headers = dict(exc.headers or {})
     else:

@@ -21,7 +21,8 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
     id TEXT PRIMARY KEY,
     created_at REAL NOT NULL,
-    admin INTEGER NOT NULL DEFAULT 0     -- may see the fleet (/api/admin/...)
+    admin INTEGER NOT NULL DEFAULT 0,    -- may see the fleet (/api/admin/...)
+    disabled_at REAL                     -- set: none of its tokens is accepted
 );
 CREATE TABLE IF NOT EXISTS tokens (
     id TEXT PRIMARY KEY,                 -- public id, for listing and revoking
@@ -187,7 +188,12 @@ def _to_v3(db: sqlite_utils.Database) -> None:
                " AND status IN ('completed', 'failed', 'cancelled')")
 
 
-MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_to_v2, _to_v3)
+def _to_v4(db: sqlite_utils.Database) -> None:
+    """Users can be disabled (their tokens refused) without deleting anything."""
+    _add_column(db, "users", "disabled_at", "REAL")
+
+
+MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_to_v2, _to_v3, _to_v4)
 VERSION = 1 + len(MIGRATIONS)  # the schema this code reads and writes
 
 

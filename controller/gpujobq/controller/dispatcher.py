@@ -398,10 +398,11 @@ class Dispatcher:
 
     # ---- cancel ----------------------------------------------------------------------
 
-    def cancel(self, job: store.Job) -> store.Job:
+    def cancel(self, job: store.Job, by_admin: str | None = None) -> store.Job:
         """Cancel a pending job at once; ask the agent to stop a running one."""
+        who = f"cancelled by admin {by_admin}" if by_admin else None
         if job.status is Status.PENDING:
-            job = self.store.cancel_pending(job.id)
+            job = self.store.cancel_pending(job.id, who or "cancelled by the user")
             self._finished(job)
             return job
         if job.status is not Status.RUNNING:
@@ -410,7 +411,7 @@ class Dispatcher:
         try:
             if node is None:
                 raise agents.LinkDown(f"host {job.node} is not in the inventory")
-            job = self.store.request_cancel(job.id, job.attempt)
+            job = self.store.request_cancel(job.id, job.attempt, who)
             node.link.send(messages.Cancel(job_id=job.id, attempt=job.attempt))
         except agents.LinkDown as exc:
             # Its host is unreachable: the job is cancelled here, and the agent is told to
@@ -418,6 +419,29 @@ class Dispatcher:
             self._linger(job)
             job = self.store.force_cancel(job.id, job.attempt, f"cancelled while {exc}")
             self._finished(job)
+        return job
+
+    def requeue_by_admin(self, job: store.Job, admin: str) -> store.Job:
+        """An admin's requeue: a running job is stopped and goes back to the queue as a
+        new attempt (no retry counted); a finished one runs again. Not a pending one."""
+        why = f"requeued by admin {admin}"
+        if job.status is Status.PENDING:
+            raise errors.Conflict("Job is pending already")
+        if job.status is Status.RUNNING:
+            self._linger(job)  # its GPUs stay taken until the agent says it stopped
+            job_was = job
+            job = self.store.requeue(job.id, job.attempt, why, self.settings.max_retries,
+                                     count=False)
+            node = self.nodes.get(job_was.node or "")
+            if node is not None:
+                # Unreachable now: the agent is told when it connects again (on_connected).
+                self._send(node.link, messages.Cancel(job_id=job.id, attempt=job_was.attempt))
+            for table in (self.live, self.dispatched_at, self.started_seen):
+                table.pop(job.id, None)
+        else:
+            job = self.store.rerun(job.id, why)
+        log.warning("job %s: %s", job.id, why)
+        self.wake()
         return job
 
     # ---- what agents report (agents.Handler) -----------------------------------------

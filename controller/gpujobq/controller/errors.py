@@ -32,6 +32,10 @@ class Conflict(ControllerError):
     status_code = 409
 
 
+class TooLarge(ControllerError):
+    status_code = 413
+
+
 class Unprocessable(ControllerError):
     status_code = 422
 

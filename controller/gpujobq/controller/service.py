@@ -123,10 +123,17 @@ class JobService:
         assert fresh is not None
         return fresh
 
-    async def cancel(self, job: store.Job) -> store.Job:
+    def any_job(self, job_id: str) -> store.Job:
+        """For admins: any user's job."""
+        job = self.store.get(job_id)
+        if job is None:
+            raise errors.NotFound(NOT_FOUND)
+        return job
+
+    async def cancel(self, job: store.Job, by_admin: str | None = None) -> store.Job:
         if job.status in TERMINAL:
             raise errors.Conflict(f"Job already finished with status {job.status}")
-        job = self.dispatcher.cancel(job)
+        job = self.dispatcher.cancel(job, by_admin)
         if job.status is Status.RUNNING:
             # The agent stops it: SIGTERM, then SIGKILL after the grace period.
             job = await self.wait(job, self.settings.grace + 5.0)

@@ -26,7 +26,11 @@ class Settings(msgspec.Struct, kw_only=True):
     time_limit_factor: float = 2.0
     grace: float = 10.0
     output_cap: int = 1 << 20  # bytes kept per stream (head and tail, marker between)
-    max_upload: int = 5 << 20  # bytes of one submit request
+    # Submissions: each part, and the whole request (413 past any of them). config.yaml
+    # is parsed only within its cap.
+    max_code: int = 1 << 20  # bytes of solution.py
+    max_config: int = 64 << 10  # bytes of config.yaml
+    max_upload: int = 2 << 20  # bytes of one submit request, both parts and the framing
     token_days: float = 90.0  # default lifetime of a new token
     # Agents: SSH keepalive, reconnect backoff, and when a silent host's jobs are requeued.
     keepalive: float = 10.0

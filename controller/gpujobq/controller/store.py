@@ -273,17 +273,28 @@ class Store:
             )
         ]
 
-    def cancel_pending(self, job_id: str) -> Job:
-        return self._end_without_agent(job_id, Status.PENDING, "cancelled by the user")
+    def cancel_pending(self, job_id: str, detail: str = "cancelled by the user") -> Job:
+        return self._end_without_agent(job_id, Status.PENDING, detail)
 
     def force_cancel(self, job_id: str, attempt: int, detail: str) -> Job:
         """running -> cancelled without the agent's word (its host is unreachable)."""
         return self._end_without_agent(job_id, Status.RUNNING, detail, attempt=attempt)
 
-    def request_cancel(self, job_id: str, attempt: int) -> Job:
+    def request_cancel(self, job_id: str, attempt: int, detail: str | None = None) -> Job:
         return self._move(
             job_id, {Status.RUNNING}, Status.RUNNING, attempt=attempt,
-            reason="cancel_requested", sets={"cancel_requested": 1},
+            reason="cancel_requested", detail=detail, sets={"cancel_requested": 1},
+        )
+
+    def rerun(self, job_id: str, detail: str) -> Job:
+        """An admin's second run of a finished job: pending again with a fresh retry budget;
+        the old result, files and record are superseded (the events keep its history)."""
+        return self._move(
+            job_id, TERMINAL, Status.PENDING, reason=Reason.REQUEUED, detail=detail,
+            sets={"reason": None, "detail": None, "exit_code": None, "stdout": None,
+                  "stderr": None, "node": None, "gpus": None, "started_at": None,
+                  "completed_at": None, "cancel_requested": 0, "retries": 0, "recorded": 0},
+            also=("DELETE FROM job_files WHERE job_id = ?", [[job_id]]),
         )
 
     def requeue(

@@ -13,14 +13,22 @@ class YAMLError(ValueError):
 
 
 class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses aliases (billion laughs) and duplicate keys (silent overrides)."""
+    """SafeLoader that refuses anchors and aliases (billion laughs), explicit tags
+    (``!!python/object``, ``!!binary``, ``!custom``: plain data needs none) and duplicate
+    keys (silent overrides). Each is refused at the first event that carries it, before
+    anything is built."""
 
     def compose_node(self, parent: Any, index: Any) -> Any:
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
-            raise yaml.constructor.ConstructorError(
-                None, None, "aliases are not allowed", event.start_mark
-            )
+        event = self.peek_event()
+        problem = None
+        if isinstance(event, yaml.AliasEvent):
+            problem = "aliases are not allowed"
+        elif getattr(event, "anchor", None) is not None:
+            problem = f"anchors are not allowed (&{event.anchor})"
+        elif getattr(event, "tag", None) is not None:
+            problem = f"tags are not allowed ({event.tag})"
+        if problem:
+            raise yaml.constructor.ConstructorError(None, None, problem, event.start_mark)
         return super().compose_node(parent, index)
 
     def construct_mapping(self, node: Any, deep: bool = False) -> Any:

@@ -1,0 +1,80 @@
+"""Admin routes (/api/admin/...): an admin's token, or 403. The fleet, the inventory, any
+user's jobs, and the users themselves."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from gpujobq.controller import accounts, errors, fleetview, results
+from gpujobq.controller.api import CancelReply, path_id, service_of, user_of
+from gpujobq.protocol import inventory
+from litestar import Request, get, post
+
+
+class UserItem(msgspec.Struct):
+    user_id: str
+    admin: bool
+    disabled: bool
+    active_tokens: int
+    created_at: str | None
+
+
+def _admin(request: Request[Any, Any, Any]) -> str:
+    user = user_of(request, None)
+    if not accounts.is_admin(service_of(request).store.db, user):
+        raise errors.Forbidden("This needs an admin token")
+    return user
+
+
+@get("/api/admin/nodes")
+async def nodes(request: Request[Any, Any, Any]) -> fleetview.FleetReply:
+    _admin(request)
+    svc = service_of(request)
+    return fleetview.describe(svc.dispatcher, request.app.state.reloader,
+                              request.app.state.node_ids)
+
+
+@post("/api/admin/reload", status_code=200)
+async def reload(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    """Reload inventory.yaml now: the changes, or 400 with the error (the old one stays)."""
+    _admin(request)
+    try:
+        changes = request.app.state.reloader.reload()
+    except inventory.InventoryError as exc:
+        raise errors.BadRequest(f"inventory not reloaded (the last good one stays): {exc}") \
+            from exc
+    return {"status": "reloaded", "changes": changes}
+
+
+@post("/api/admin/cancel/{job_id:path}", status_code=200)
+async def cancel_any(request: Request[Any, Any, Any], job_id: str) -> CancelReply:
+    """Cancel any user's job (the same as the user's own cancel, noted as the admin's)."""
+    admin = _admin(request)
+    svc = service_of(request)
+    job = await svc.cancel(svc.any_job(path_id(job_id)), by_admin=admin)
+    return CancelReply(job_id=job.id, status=job.status.value, reason=job.reason)
+
+
+@post("/api/admin/requeue/{job_id:path}", status_code=200)
+async def requeue_any(request: Request[Any, Any, Any], job_id: str) -> CancelReply:
+    """Put any user's job back in the queue: a running one is stopped first (no retry
+    counted), a finished one runs again from the start. A pending job is 409."""
+    admin = _admin(request)
+    svc = service_of(request)
+    job = svc.dispatcher.requeue_by_admin(svc.any_job(path_id(job_id)), admin)
+    return CancelReply(job_id=job.id, status=job.status.value, reason=job.reason)
+
+
+@get("/api/admin/users")
+async def users(request: Request[Any, Any, Any]) -> list[UserItem]:
+    _admin(request)
+    svc = service_of(request)
+    return [
+        UserItem(user_id=u.id, admin=u.admin, disabled=u.disabled_at is not None,
+                 active_tokens=u.active_tokens, created_at=results.iso(u.created_at))
+        for u in accounts.list_users(svc.store.db, svc.clock())
+    ]
+
+
+ROUTES = [nodes, reload, cancel_any, requeue_any, users]
