@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 import time
 
 import requests
@@ -226,23 +225,6 @@ def test_a_disconnecting_waiter_does_not_stop_the_job(cluster: Cluster, user: Us
     done = cluster.wait_status(user, job_id, {"completed", "failed", "cancelled"})
     assert done["status"] == "completed"
     assert cluster.get(user, "results", job_id).json()["stdout"] == "start\nend\n"
-
-
-def test_twenty_concurrent_submits_exactly_one_accepted(cluster: Cluster, user: User) -> None:
-    barrier = threading.Barrier(20)
-    codes: list[int] = []
-
-    def one() -> None:
-        barrier.wait()
-        codes.append(cluster.submit(user, SLEEP.format(0.5), wait=False).status_code)
-
-    threads = [threading.Thread(target=one) for _ in range(20)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert sorted(codes) == [202] + [429] * 19
-    assert len(cluster.get(user, "jobs").json()) == 1
 
 
 def test_rate_limit_five_per_minute(cluster: Cluster, user: User) -> None:
