@@ -94,6 +94,33 @@ async def test_no_shell_no_unknown_verbs_no_forwarding(env: Env) -> None:
             await conn.open_connection("127.0.0.1", env.port)
 
 
+async def test_no_sftp_no_remote_or_socket_forwarding_no_passwords(
+        env: Env, tmp_path: pathlib.Path) -> None:
+    async with await env.connect() as conn:
+        with pytest.raises((asyncssh.SFTPError, asyncssh.ChannelOpenError,
+                            asyncssh.ProcessError)):
+            async with conn.start_sftp_client() as sftp:
+                await sftp.listdir("/")
+        with pytest.raises(asyncssh.ChannelListenError):
+            await conn.forward_remote_port("127.0.0.1", 0, "127.0.0.1", env.port)
+        # Unix sockets (the docker daemon's, above all) are out of reach too.
+        sock = tmp_path / "s.sock"
+        with pytest.raises(asyncssh.ChannelOpenError):
+            await conn.open_unix_connection(str(sock))
+        with pytest.raises(asyncssh.ChannelListenError):
+            await conn.forward_remote_path(str(tmp_path / "r.sock"), str(sock))
+        # A pty is refused, so no terminal session either.
+        with pytest.raises(asyncssh.ChannelOpenError):
+            await conn.create_process("hello", term_type="xterm", request_pty="force")
+        # The connection survives all of that and still answers its verbs.
+        assert (await conn.run("hello", encoding=None)).exit_status == 0
+    with pytest.raises(asyncssh.PermissionDenied):
+        await asyncssh.connect("127.0.0.2", env.port, username="gpujobq", password="x",
+                               client_keys=None, known_hosts=([env.host_public_key()], [], []),
+                               agent_path=None, config=[], preferred_auth="password,"
+                               "keyboard-interactive")
+
+
 async def test_hello(env: Env) -> None:
     async with await env.connect() as conn:
         result = await conn.run("hello", encoding=None, check=True)
