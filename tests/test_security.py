@@ -142,6 +142,20 @@ def test_a_token_never_reaches_jobs_logs_results_or_the_database(cluster: Cluste
     out = r.json()["stdout"]
     assert "competition_id" in out  # the job did read its config.yaml
     assert user.token not in out
+    # Refused submissions whose config.yaml holds the token: the errors name the problem
+    # and where, never the text around it, so logs stay clean as well.
+    files = {"code": ("s.py", "print(1)")}
+    for config, status in [
+        (f"user_id: {user.name}\ntoken: {user.token} x: y\n", 400),
+        (f"user_id: {user.name}\ntoken: [{user.token}\n", 400),
+        (f"user_id: {user.name}\ntoken: {user.token}\nexpected_time: soon\n", 422),
+        (f"competition_id: c\nproject_id: p\nuser_id: {user.name}\nexpected_time: 1\n"
+         f"token: {user.token}x\n", 403),
+    ]:
+        bad = requests.post(f"{cluster.url}/api/submit", headers=user.headers, timeout=10,
+                            files={**files, "config_file": ("c.yaml", config)})
+        assert bad.status_code == status, bad.text
+        assert user.token not in bad.text
     # Also after the record is written: nothing under the cluster's folder holds it.
     cluster.wait_status(user, r.json()["job_id"], {"completed"})
     time.sleep(0.5)

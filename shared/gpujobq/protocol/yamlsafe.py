@@ -67,6 +67,17 @@ def load(text: bytes | str, *, max_bytes: int = 64 << 10) -> Any:
     try:
         return yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as exc:
-        raise YAMLError(" ".join(str(exc).split())) from exc
+        raise YAMLError(_describe(exc)) from exc
     except RecursionError as exc:  # "[[[[..." nests deeper than the parser can follow
         raise YAMLError("nested too deeply") from exc
+
+
+def _describe(exc: yaml.YAMLError) -> str:
+    """The problem and where, never the text around it: a config.yaml line may hold a
+    token, and error details reach logs."""
+    if not isinstance(exc, yaml.MarkedYAMLError):
+        return " ".join(str(exc).split())
+    parts = [p for p in (exc.context, exc.problem) if p]
+    mark = exc.problem_mark or exc.context_mark
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+    return ": ".join(parts) + where
