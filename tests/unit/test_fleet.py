@@ -295,3 +295,14 @@ def test_dirty_gpus_are_kept_from_a_plan() -> None:
     assert [(a.job_id, [g.index for g in a.gpus]) for a in plan.assignments] == [("a", [1])]
     # b waits for a's GPU: the dirty one frees up at no known time.
     assert plan.waiting["b"].estimated_start == 60.0
+
+
+def test_an_agents_warnings_are_among_the_hosts_problems() -> None:
+    n = node(gpus=[0])
+    n.hello = messages.Hello(host="h1", runtime="docker", gpus=(nvml_gpu(0),), nvml=True,
+                             warnings=("NVIDIA Container Toolkit 1.17.8 has known container "
+                                       "escapes: upgrade",))
+    n.refresh()
+    assert n.problems == ["NVIDIA Container Toolkit 1.17.8 has known container escapes: "
+                          "upgrade"]
+    assert [g.index for g in n.gpus] == [0]  # a warning, not a reason to hold GPUs out

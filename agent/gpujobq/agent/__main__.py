@@ -12,7 +12,7 @@ import signal
 import socket
 import sys
 
-from gpujobq.agent import containers, core, gpus, process, runtime, server, spool
+from gpujobq.agent import containers, core, gpus, process, runtime, server, spool, toolkit
 from gpujobq.protocol import inventory, messages
 from gpujobq.protocol import sshkeys as keys
 
@@ -148,6 +148,13 @@ async def _run(args: argparse.Namespace, chosen: runtime.Runtime) -> None:
         lease=args.lease,
         keep=frozenset(adopt),
     )
+    if isinstance(chosen, containers.DockerRuntime) and agent.gpus:
+        # Real GPUs go into containers through the NVIDIA toolkit's root hooks.
+        found = await asyncio.to_thread(toolkit.installed)
+        problem = toolkit.warning(found)
+        if problem:
+            log.warning("%s", problem)
+            agent.warnings.append(problem)
     for run, workdir in adopt.values():
         agent.adopt(run, workdir)
     lease_watch = asyncio.create_task(agent.watch_lease())

@@ -119,6 +119,7 @@ class Agent:
         self.probe = probe if probe is not None and probe.available else None
         self.gpus = self.probe.discover() if self.probe else ()
         self.dirty: dict[int, messages.DirtyGPU] = {}
+        self.warnings: list[str] = []  # told to the controller in every hello
         self.clock = clock
         self.mono = monotonic
         self.lease = lease  # until the controller says otherwise (Lease)
@@ -157,6 +158,7 @@ class Agent:
         return messages.Hello(
             host=self.host, runtime=self.runtime.name, gpus=self.gpus,
             nvml=self.probe is not None, jobs=self.held(), dirty=self.dirty_gpus(),
+            warnings=tuple(self.warnings),
         )
 
     # ---- GPU hygiene -------------------------------------------------------------------

@@ -84,6 +84,8 @@ class Node:
     def refresh(self) -> None:
         """Recompute the usable GPUs from the declaration and the last hello."""
         self.gpus, self.problems = resolve_gpus(self.host.declared_gpus(), self.hello)
+        if self.hello is not None:
+            self.problems.extend(self.hello.warnings)
         if self.hello is not None and self.hello.version != messages.PROTOCOL_VERSION:
             self.problems.append(
                 f"its agent speaks protocol {self.hello.version}, the controller "

@@ -163,6 +163,7 @@ class Hello(msgspec.Struct, frozen=True, kw_only=True):
     nvml: bool = False  # whether the agent could ask NVML at all
     jobs: tuple[HeldJob, ...] = ()
     dirty: tuple[DirtyGPU, ...] = ()
+    warnings: tuple[str, ...] = ()  # for admins, e.g. an NVIDIA toolkit with known CVEs
 
 
 class ProtocolError(Exception):
