@@ -9,7 +9,7 @@ import stat
 import pytest
 from gpujobq.agent import toolkit
 
-CTK = "NVIDIA Container Toolkit CLI version 1.17.8\ncommit: f202b80a9b9d0db00d9b1d73c0128c8962c55f4d\n"
+CTK = "NVIDIA Container Toolkit CLI version 1.17.8\ncommit: f202b80a9b9d\n"
 CLI = "cli-version: 1.19.1\nlib-version: 1.19.1\nbuild date: 2026-07-01T10:11:12+00:00\n"
 
 
