@@ -100,3 +100,22 @@ def test_bad_user_names_are_refused(db: database.sqlite_utils.Database) -> None:
     for name in ("../x", "", "a b", "x" * 65):
         with pytest.raises(errors.BadRequest):
             accounts.add_user(db, name, NOW)
+
+
+def test_log_records_never_carry_a_token(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    token = "gjq_0123456789ab_" + "S" * 43
+    handler = logging.StreamHandler()
+    logger = logging.getLogger("gpujobq.test.redact")
+    logger.addHandler(handler)
+    try:
+        accounts.redact_logs("gpujobq.test.redact")
+        accounts.redact_logs("gpujobq.test.redact")  # once is enough; twice changes nothing
+        assert sum(isinstance(f, accounts.RedactTokens) for f in handler.filters) == 1
+        record = logging.LogRecord("x", logging.INFO, __file__, 1, '%s "GET %s" %d',
+                                   ("127.0.0.1", f"/api/jobs?token={token}", 200), None)
+        assert handler.filters[0].filter(record)
+        assert record.getMessage() == '127.0.0.1 "GET /api/jobs?token=gjq_[redacted]" 200'
+    finally:
+        logger.removeHandler(handler)

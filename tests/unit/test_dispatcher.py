@@ -6,7 +6,7 @@ import pathlib
 
 import msgspec
 import pytest
-from gpujobq.controller import agents, database, dispatcher, ratelimit, settings, store
+from gpujobq.controller import agents, database, dispatcher, errors, ratelimit, settings, store
 from gpujobq.protocol import inventory, messages
 from gpujobq.protocol.states import Status
 
@@ -454,3 +454,72 @@ def test_a_record_a_crash_kept_from_being_written_is_written_once(
     w.store.db.execute("UPDATE jobs SET recorded = 0")
     assert w.d.record_missing() == 1
     assert list((tmp_path / "results").glob("u_c_*.jsonl")) == records
+
+
+# ---- an admin's requeue ------------------------------------------------------------------
+
+
+def test_admin_requeue_stops_the_attempt_and_runs_the_job_again(w: World) -> None:
+    w.submit("j1")
+    w.d.run_once()
+    job = w.d.requeue_by_admin(w.store.get("j1"), "root")
+    assert (job.status, job.retries) == (Status.PENDING, 0)  # no retry counted
+    assert w.link.sent[-1] == messages.Cancel(job_id="j1", attempt=1)
+    assert w.d.run_once() == 1
+    again = w.store.get("j1")
+    assert (again.status, again.attempt, again.gpus) == (Status.RUNNING, 2, (1,))  # GPU 0 held
+    # The stopped attempt's report changes nothing and frees its GPU.
+    w.d.on_message(w.link, w.exited("j1", 1, exit_code=1))  # type: ignore[arg-type]
+    assert w.store.get("j1").status is Status.RUNNING
+    assert w.d.lingering == {}
+    w.d.on_message(w.link, w.exited("j1", 2))  # type: ignore[arg-type]
+    assert w.store.get("j1").status is Status.COMPLETED
+
+
+def test_admin_requeue_of_a_finished_job_runs_it_again(w: World, tmp_path: pathlib.Path
+                                                        ) -> None:
+    w.submit("j1")
+    w.d.run_once()
+    w.d.on_message(w.link, messages.Exited(  # type: ignore[arg-type]
+        job_id="j1", attempt=1, at=w.now, reason="exit_code", exit_code=3, stdout=b"first",
+        files=(messages.OutputFile(name="out.txt", data=b"x"),)))
+    assert w.store.get("j1").status is Status.FAILED
+    job = w.d.requeue_by_admin(w.store.get("j1"), "root")
+    assert (job.status, job.stdout, job.exit_code, job.reason, job.completed_at) == \
+        (Status.PENDING, b"", None, None, None)
+    assert w.store.files("j1") == []
+    w.now += 1
+    w.d.run_once()
+    w.d.on_message(w.link, w.exited("j1", 2))  # type: ignore[arg-type]
+    assert (w.store.get("j1").status, w.store.get("j1").stdout) == (Status.COMPLETED, b"out")
+    records = sorted((tmp_path / "results").glob("u_c_*.jsonl"))
+    assert len(records) == 2  # one per run; neither replaced
+
+
+def test_admin_requeue_refusals(w: World) -> None:
+    w.submit("j1")
+    with pytest.raises(errors.Conflict, match="pending already"):
+        w.d.requeue_by_admin(w.store.get("j1"), "root")
+    w.d.run_once()
+    # The user's cancel is on its way: a requeue must not undo it.
+    w.d.cancel(w.store.get("j1"))
+    with pytest.raises(errors.Conflict, match="being cancelled"):
+        w.d.requeue_by_admin(w.store.get("j1"), "root")
+    assert w.store.get("j1").cancel_requested
+
+    w.submit("j2")
+    w.d.run_once()
+    w.link.connected, w.link.down_since = False, w.now
+    with pytest.raises(errors.Conflict, match="host a is unreachable"):
+        w.d.requeue_by_admin(w.store.get("j2"), "root")
+    assert w.store.get("j2").status is Status.RUNNING
+    # Cancelled while its host is down, it may still run there: no rerun until it stops.
+    cancelled = w.d.cancel(w.store.get("j2"), by_admin="root")
+    assert cancelled.status is Status.CANCELLED
+    with pytest.raises(errors.Conflict, match="may still run on host a"):
+        w.d.requeue_by_admin(w.store.get("j2"), "root")
+    events = w.store.events("j2")
+    assert any("cancelled by admin root" in (e["detail"] or "") for e in events)
+    w.link.connected = True
+    w.d.on_message(w.link, messages.Heartbeat(at=w.now, jobs=()))  # type: ignore[arg-type]
+    assert w.d.requeue_by_admin(w.store.get("j2"), "root").status is Status.PENDING

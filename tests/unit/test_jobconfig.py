@@ -241,4 +241,18 @@ def test_yamlsafe_error_is_one_line() -> None:
     with pytest.raises(yamlsafe.YAMLError) as info:
         yamlsafe.load("a: 1\na: 2\n")
     assert "\n" not in str(info.value)
-    assert "duplicate key 'a'" in str(info.value)
+    assert str(info.value) == "duplicate key (line 2, column 1)"
+
+
+@pytest.mark.parametrize("text", [
+    "a: 1\ntoken: gjq_SECRET x: y\n", "a: !gjq_SECRET 1", "a: !gjq_SECRET!y 1",
+    "a: &gjq_SECRET 1", "gjq_SECRET: 1\ngjq_SECRET: 2", 'a: "gjq_SECRET\\q"',
+    "a: *gjq_SECRET", "{gjq_SECRET: [1, 2}", "%TAG !gjq_SECRET! tag:x,2000:\n---\na: !gjq_SECRET!y 1",
+    "a: 'gjq_SECRET", "- gjq_SECRET\n  - x: {",
+])
+def test_yamlsafe_errors_never_quote_the_input(text: str) -> None:
+    """A config line may hold a token, and error details are logged."""
+    with pytest.raises(yamlsafe.YAMLError) as info:
+        yamlsafe.load(text)
+    assert "SECRET" not in str(info.value)
+    assert "line " in str(info.value)

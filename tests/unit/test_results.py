@@ -61,12 +61,28 @@ def test_another_jobs_record_is_never_overwritten(tmp_path: pathlib.Path) -> Non
     first = results.write(folder, job("j1"))
     second = results.write(folder, job("j2"))  # the same user, competition and time
     assert (record(first)["job_id"], record(second)["job_id"]) == ("j1", "j2")
-    # Both names taken by others: refused, nothing overwritten.
-    (folder / NAME.replace(".jsonl", "_j3.jsonl")).write_text("someone else's\n")
+    # Every name taken by others: refused, nothing overwritten.
+    for taken in ("_j3.jsonl", "_j3_1.jsonl"):
+        (folder / NAME.replace(".jsonl", taken)).write_text("someone else's\n")
     with pytest.raises(FileExistsError):
         results.write(folder, job("j3"))
     assert record(first)["job_id"] == "j1"
     assert (folder / NAME.replace(".jsonl", "_j3.jsonl")).read_text() == "someone else's\n"
+
+
+def test_a_rerun_writes_a_record_of_its_own(tmp_path: pathlib.Path) -> None:
+    """An admin's rerun ends as a later attempt of the same job: both records stay, even
+    with the same completion time, and writing the rerun's again keeps one."""
+    folder = tmp_path / "results"
+    first = results.write(folder, job())
+    again = msgspec.structs.replace(job(), attempt=2, exit_code=1, status=Status.FAILED)
+    second = results.write(folder, again)
+    assert second.name == NAME.replace(".jsonl", "_j1.jsonl")
+    assert (record(first)["attempt"], record(second)["attempt"]) == (1, 2)
+    assert results.write(folder, again) == second
+    third = msgspec.structs.replace(job(), attempt=3)
+    assert results.write(folder, third).name == NAME.replace(".jsonl", "_j1_3.jsonl")
+    assert len(list(folder.iterdir())) == 3
 
 
 def test_writing_again_after_a_crash_keeps_one_record(tmp_path: pathlib.Path) -> None:

@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger("asyncssh").setLevel(logging.WARNING)  # it logs every channel at INFO
+    accounts.redact_logs()
     try:
         return int(args.func(settings, args) or 0)
     except errors.ControllerError as exc:
@@ -158,6 +159,7 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
 
     config = uvicorn.Config(application, host=settings.host, port=settings.port,
                             timeout_graceful_shutdown=5, log_level="info")
+    accounts.redact_logs("uvicorn", "uvicorn.error", "uvicorn.access")  # their own handlers
     Server(config).run()
     return 0
 
@@ -260,13 +262,19 @@ def _call(settings: Settings, args: argparse.Namespace, method: str, path: str) 
     request = urllib.request.Request(url, method=method,
                                      headers={"Authorization": f"Bearer {token}"})
     try:
-        with urllib.request.urlopen(request, timeout=30) as reply:
+        # A cancel of a running job waits for the agent: up to grace + 5 s.
+        with urllib.request.urlopen(request, timeout=settings.grace + 30) as reply:
             return json.loads(reply.read())
     except urllib.error.HTTPError as exc:
-        detail = json.loads(exc.read() or b"{}").get("detail", exc.reason)
+        try:
+            detail = json.loads(exc.read() or b"{}").get("detail", exc.reason)
+        except (ValueError, AttributeError):
+            detail = exc.reason
         raise errors.ControllerError(f"{url}: {exc.code} {detail}") from exc
     except urllib.error.URLError as exc:
         raise errors.ControllerError(f"{url}: is the controller running? {exc.reason}") from exc
+    except (OSError, ValueError) as exc:  # a timeout, a reset, an answer that is not JSON
+        raise errors.ControllerError(f"{url}: {exc or type(exc).__name__}") from exc
     finally:
         if minted:
             accounts.revoke_token(db, minted, time.time())

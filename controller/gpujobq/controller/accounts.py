@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import re
 import secrets
 
@@ -21,6 +22,26 @@ from gpujobq.protocol import jobconfig
 
 TOKEN_PREFIX = "gjq_"
 _TOKEN = re.compile(r"gjq_([0-9a-f]{12})_[A-Za-z0-9_-]{43}\Z")
+_TOKEN_TEXT = re.compile(r"gjq_[A-Za-z0-9_-]{8,}")  # anything shaped like one, in free text
+
+
+class RedactTokens(logging.Filter):
+    """Masks anything shaped like a token in a log record, whatever logged it (a path or
+    query string in an access log, an error detail): tokens never reach the logs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if TOKEN_PREFIX in message:
+            record.msg, record.args = _TOKEN_TEXT.sub("gjq_[redacted]", message), None
+        return True
+
+
+def redact_logs(*loggers: str) -> None:
+    """Install RedactTokens on every handler of the root logger and of ``loggers``."""
+    for name in ("", *loggers):
+        for handler in logging.getLogger(name).handlers:
+            if not any(isinstance(f, RedactTokens) for f in handler.filters):
+                handler.addFilter(RedactTokens())
 
 
 class UserInfo(msgspec.Struct, frozen=True):

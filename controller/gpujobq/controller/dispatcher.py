@@ -417,25 +417,38 @@ class Dispatcher:
             # Its host is unreachable: the job is cancelled here, and the agent is told to
             # stop it when it reconnects (reconcile cancels attempts the controller dropped).
             self._linger(job)
-            job = self.store.force_cancel(job.id, job.attempt, f"cancelled while {exc}")
+            job = self.store.force_cancel(job.id, job.attempt,
+                                          f"{who or 'cancelled'} while {exc}")
             self._finished(job)
         return job
 
     def requeue_by_admin(self, job: store.Job, admin: str) -> store.Job:
         """An admin's requeue: a running job is stopped and goes back to the queue as a
-        new attempt (no retry counted); a finished one runs again. Not a pending one."""
+        new attempt (no retry counted); a finished one runs again. Refused (409) for a
+        pending job, a job being cancelled, and while an attempt of it may still run on
+        a host that cannot be told to stop (one job never runs twice at once)."""
         why = f"requeued by admin {admin}"
         if job.status is Status.PENDING:
             raise errors.Conflict("Job is pending already")
+        if job.status is Status.RUNNING and job.cancel_requested:
+            raise errors.Conflict("Job is being cancelled; requeue it once it has ended")
+        for (job_id, attempt), (host, _) in self.lingering.items():
+            if job_id == job.id:
+                raise errors.Conflict(
+                    f"Attempt {attempt} of this job may still run on host {host}, which has "
+                    "not confirmed it stopped; try again once it has")
         if job.status is Status.RUNNING:
+            node = self.nodes.get(job.node or "")
+            if node is None or node.state(self.mono(), self.settings.heartbeat_timeout) == "down":
+                raise errors.Conflict(
+                    f"Its host {job.node} is unreachable, so the job cannot be stopped there; "
+                    f"it is requeued by itself if the host stays down "
+                    f"{self.lost_after:g} s")
             self._linger(job)  # its GPUs stay taken until the agent says it stopped
-            job_was = job
-            job = self.store.requeue(job.id, job.attempt, why, self.settings.max_retries,
+            old_attempt = job.attempt
+            job = self.store.requeue(job.id, old_attempt, why, self.settings.max_retries,
                                      count=False)
-            node = self.nodes.get(job_was.node or "")
-            if node is not None:
-                # Unreachable now: the agent is told when it connects again (on_connected).
-                self._send(node.link, messages.Cancel(job_id=job.id, attempt=job_was.attempt))
+            self._send(node.link, messages.Cancel(job_id=job.id, attempt=old_attempt))
             for table in (self.live, self.dispatched_at, self.started_seen):
                 table.pop(job.id, None)
         else:

@@ -2,7 +2,8 @@
 
 Created exclusively and never through a link; the IDs in the name were validated at
 submission (letters, digits, '.', '_', '-'), so no name can leave the folder. Should
-two records ever want the same name, the second gets the job id appended.
+two records ever want the same name, the second gets the job id appended (and the
+attempt, for an admin's rerun of the same job).
 """
 
 from __future__ import annotations
@@ -47,8 +48,8 @@ def text(data: bytes) -> str:
     return data.decode("utf-8", errors="replace")
 
 
-def _holds(path: pathlib.Path, job_id: str) -> bool:
-    """Whether an existing record (a regular file, never followed) is this job's."""
+def _holds(path: pathlib.Path, job_id: str, attempt: int) -> bool:
+    """Whether an existing record (a regular file, never followed) is this attempt's."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError:
@@ -57,7 +58,8 @@ def _holds(path: pathlib.Path, job_id: str) -> bool:
         if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
             return False
         try:
-            return bool(msgspec.json.decode(fh.readline(1 << 26)).get("job_id") == job_id)
+            found = msgspec.json.decode(fh.readline(1 << 26))
+            return bool(found.get("job_id") == job_id and found.get("attempt") == attempt)
         except (msgspec.DecodeError, AttributeError):
             return False
 
@@ -79,12 +81,13 @@ def write(folder: pathlib.Path, job: store.Job) -> pathlib.Path:
     line = msgspec.json.encode(record) + b"\n"
     folder.mkdir(parents=True, exist_ok=True)
     base = f"{job.user_id}_{job.competition_id}_{stamp}"
-    for name in (f"{base}.jsonl", f"{base}_{job.id}.jsonl"):
+    # An admin's rerun of a job writes a record of its own: records are never replaced.
+    for name in (f"{base}.jsonl", f"{base}_{job.id}.jsonl", f"{base}_{job.id}_{job.attempt}.jsonl"):
         path = folder / name
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
         except FileExistsError:
-            if _holds(path, job.id):
+            if _holds(path, job.id, job.attempt):
                 return path  # written before a crash: never a second record
             continue
         with os.fdopen(fd, "wb") as fh:
@@ -92,7 +95,7 @@ def write(folder: pathlib.Path, job: store.Job) -> pathlib.Path:
             fh.flush()
             os.fsync(fh.fileno())
         return path
-    raise FileExistsError(f"{base}: both record names are taken")
+    raise FileExistsError(f"{base}: every record name is taken")
 
 
 def prune(folder: pathlib.Path, older_than_days: float, now: float) -> list[str]:

@@ -24,9 +24,9 @@ class _StrictLoader(yaml.SafeLoader):
         if isinstance(event, yaml.AliasEvent):
             problem = "aliases are not allowed"
         elif getattr(event, "anchor", None) is not None:
-            problem = f"anchors are not allowed (&{event.anchor})"
+            problem = "anchors are not allowed"
         elif getattr(event, "tag", None) is not None:
-            problem = f"tags are not allowed ({event.tag})"
+            problem = "tags are not allowed"
         if problem:
             raise yaml.constructor.ConstructorError(None, None, problem, event.start_mark)
         return super().compose_node(parent, index)
@@ -41,7 +41,7 @@ class _StrictLoader(yaml.SafeLoader):
                 duplicate = False
             if duplicate:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                    None, None, "duplicate key", key_node.start_mark
                 )
             seen.add(key) if isinstance(key, str | int | float | bool) else None
         return super().construct_mapping(node, deep=deep)
@@ -72,12 +72,23 @@ def load(text: bytes | str, *, max_bytes: int = 64 << 10) -> Any:
         raise YAMLError("nested too deeply") from exc
 
 
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+
+
+def _unquote(found: re.Match[str]) -> str:
+    text = found[0]
+    # Kept: PyYAML's token names ('<scalar>') and punctuation (expected ',' or '}').
+    return text if re.fullmatch(r"'<[a-z ]+>'|'[^\w\s]{1,3}'", text) else "(input)"
+
+
 def _describe(exc: yaml.YAMLError) -> str:
     """The problem and where, never the text around it: a config.yaml line may hold a
     token, and error details reach logs."""
     if not isinstance(exc, yaml.MarkedYAMLError):
         return " ".join(str(exc).split())
-    parts = [p for p in (exc.context, exc.problem) if p]
+    # PyYAML quotes bits of the input in some problems ("found undefined tag handle
+    # '!x!'"); those bits are dropped, its own token names ('<scalar>') kept.
+    parts = [_QUOTED.sub(_unquote, p) for p in (exc.context, exc.problem) if p]
     mark = exc.problem_mark or exc.context_mark
     where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
     return ": ".join(parts) + where
