@@ -247,7 +247,8 @@ def test_yamlsafe_error_is_one_line() -> None:
 @pytest.mark.parametrize("text", [
     "a: 1\ntoken: gjq_SECRET x: y\n", "a: !gjq_SECRET 1", "a: !gjq_SECRET!y 1",
     "a: &gjq_SECRET 1", "gjq_SECRET: 1\ngjq_SECRET: 2", 'a: "gjq_SECRET\\q"',
-    "a: *gjq_SECRET", "{gjq_SECRET: [1, 2}", "%TAG !gjq_SECRET! tag:x,2000:\n---\na: !gjq_SECRET!y 1",
+    "a: *gjq_SECRET", "{gjq_SECRET: [1, 2}",
+    "%TAG !gjq_SECRET! tag:x,2000:\n---\na: !gjq_SECRET!y 1",
     "a: 'gjq_SECRET", "- gjq_SECRET\n  - x: {",
 ])
 def test_yamlsafe_errors_never_quote_the_input(text: str) -> None:

@@ -7,7 +7,16 @@ from typing import Any
 
 import msgspec
 from gpujobq.controller import accounts, errors, fleetview, results
-from gpujobq.controller.api import CancelReply, path_id, service_of, user_of
+from gpujobq.controller.api import (
+    AUTHED,
+    SECURITY,
+    ApiOperation,
+    CancelReply,
+    error_responses,
+    path_id,
+    service_of,
+    user_of,
+)
 from gpujobq.protocol import inventory
 from litestar import Request, get, post
 
@@ -20,6 +29,15 @@ class UserItem(msgspec.Struct):
     created_at: str | None
 
 
+class ReloadReply(msgspec.Struct):
+    status: str
+    changes: list[str]  # what the new inventory changed, one line each
+
+
+# Every admin route: 401 for a bad token, 403 for a token that is not an admin's.
+ADMIN = (403, *AUTHED)
+
+
 def _admin(request: Request[Any, Any, Any]) -> str:
     user = user_of(request, None)
     if not accounts.is_admin(service_of(request).store.db, user):
@@ -27,16 +45,19 @@ def _admin(request: Request[Any, Any, Any]) -> str:
     return user
 
 
-@get("/api/admin/nodes")
+@get("/api/admin/nodes", operation_class=ApiOperation, security=SECURITY,
+     responses=error_responses(*ADMIN))
 async def nodes(request: Request[Any, Any, Any]) -> fleetview.FleetReply:
+    """The fleet: each host's state, GPUs and the jobs on them; the inventory's state."""
     _admin(request)
     svc = service_of(request)
     return fleetview.describe(svc.dispatcher, request.app.state.reloader,
                               request.app.state.node_ids)
 
 
-@post("/api/admin/reload", status_code=200)
-async def reload(request: Request[Any, Any, Any]) -> dict[str, Any]:
+@post("/api/admin/reload", status_code=200, operation_class=ApiOperation, security=SECURITY,
+      responses=error_responses(400, *ADMIN))
+async def reload(request: Request[Any, Any, Any]) -> ReloadReply:
     """Reload inventory.yaml now: the changes, or 400 with the error (the old one stays)."""
     _admin(request)
     try:
@@ -44,10 +65,11 @@ async def reload(request: Request[Any, Any, Any]) -> dict[str, Any]:
     except inventory.InventoryError as exc:
         raise errors.BadRequest(f"inventory not reloaded (the last good one stays): {exc}") \
             from exc
-    return {"status": "reloaded", "changes": changes}
+    return ReloadReply(status="reloaded", changes=changes)
 
 
-@post("/api/admin/cancel/{job_id:path}", status_code=200)
+@post("/api/admin/cancel/{job_id:path}", status_code=200, operation_class=ApiOperation,
+      security=SECURITY, responses=error_responses(404, 409, *ADMIN))
 async def cancel_any(request: Request[Any, Any, Any], job_id: str) -> CancelReply:
     """Cancel any user's job (the same as the user's own cancel, noted as the admin's)."""
     admin = _admin(request)
@@ -56,7 +78,8 @@ async def cancel_any(request: Request[Any, Any, Any], job_id: str) -> CancelRepl
     return CancelReply(job_id=job.id, status=job.status.value, reason=job.reason)
 
 
-@post("/api/admin/requeue/{job_id:path}", status_code=200)
+@post("/api/admin/requeue/{job_id:path}", status_code=200, operation_class=ApiOperation,
+      security=SECURITY, responses=error_responses(404, 409, *ADMIN))
 async def requeue_any(request: Request[Any, Any, Any], job_id: str) -> CancelReply:
     """Put any user's job back in the queue: a running one is stopped first (no retry
     counted), a finished one runs again from the start. A pending job is 409."""
@@ -66,8 +89,10 @@ async def requeue_any(request: Request[Any, Any, Any], job_id: str) -> CancelRep
     return CancelReply(job_id=job.id, status=job.status.value, reason=job.reason)
 
 
-@get("/api/admin/users")
+@get("/api/admin/users", operation_class=ApiOperation, security=SECURITY,
+     responses=error_responses(*ADMIN))
 async def users(request: Request[Any, Any, Any]) -> list[UserItem]:
+    """Every user, with how many unrevoked, unexpired tokens each has."""
     _admin(request)
     svc = service_of(request)
     return [

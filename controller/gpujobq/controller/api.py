@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 from gpujobq.controller import database, errors, results, service, store
@@ -11,7 +12,23 @@ from gpujobq.protocol import jobconfig
 from gpujobq.protocol.states import TERMINAL
 from litestar import Request, Response, get, post
 from litestar.datastructures import UploadFile
+from litestar.enums import ParamType
 from litestar.exceptions import HTTPException, ValidationException
+from litestar.openapi import OpenAPIConfig, ResponseSpec
+from litestar.openapi.spec import (
+    Components,
+    OpenAPIFormat,
+    OpenAPIHeader,
+    OpenAPIMediaType,
+    OpenAPIResponse,
+    OpenAPIType,
+    Operation,
+    RequestBody,
+    Schema,
+    SecurityScheme,
+)
+from litestar.openapi.spec import Parameter as OpenAPIParameter
+from litestar.params import Parameter
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +74,126 @@ class CancelReply(msgspec.Struct):
     job_id: str
     status: str
     reason: str | None
+
+
+class AgentHealth(msgspec.Struct):
+    connected: bool
+    runtime: str | None  # what the agent said it runs jobs with; None before it said
+    error: str | None  # why the link is down, if it is
+
+
+class HealthReply(msgspec.Struct):
+    status: str
+    agents: dict[str, AgentHealth]
+
+
+class ErrorReply(msgspec.Struct):
+    """Every error's body, in the guide's shape."""
+
+    detail: str
+
+
+# ---- OpenAPI: what the handlers do that Litestar cannot see from their signatures --------
+
+BEARER = "BearerToken"
+SECURITY: list[dict[str, list[str]]] = [{BEARER: []}]
+ERROR_TEXT = {
+    400: "Malformed request: a parameter, the form or config.yaml",
+    401: "Invalid or expired token (or none)",
+    403: "The token belongs to someone else than the user_id named, or is not an admin's",
+    404: "Job not found (or not the token's user's)",
+    409: "The job's state does not allow it",
+    413: "Too large: the request, solution.py or config.yaml",
+    422: "config.yaml is well formed but a value is not allowed",
+    429: "Too many submissions in the window, or too many active jobs: see Retry-After",
+    503: "Storage full or not writable, or the server is stopping: see Retry-After",
+}
+
+
+def error_responses(*codes: int) -> dict[int, ResponseSpec]:
+    """The errors a route answers, each with the {"detail": ...} body."""
+    return {
+        code: ResponseSpec(data_container=ErrorReply, description=ERROR_TEXT[code],
+                           generate_examples=False)
+        for code in codes
+    }
+
+
+# Every route that reads a token (and so the database): 401, and 503 when storage fails.
+AUTHED = (401, 503)
+RETRY_AFTER = OpenAPIHeader(
+    schema=Schema(type=OpenAPIType.INTEGER, minimum=0), required=True,
+    description="Seconds to wait before trying again",
+)
+NEXT_CURSOR = OpenAPIHeader(
+    schema=Schema(type=OpenAPIType.STRING, pattern=r"^[0-9]{1,18}$"),
+    description="Present when there are older jobs: pass it as `cursor` for the next page",
+)
+IDEMPOTENCY_KEY = OpenAPIParameter(
+    name="Idempotency-Key", param_in=ParamType.HEADER, required=False,
+    description="A retry with the same key returns the first submission's job",
+    schema=Schema(type=OpenAPIType.STRING, min_length=1, max_length=200,
+                  pattern=r"^[!-~]([ -~]{0,198}[!-~])?$"),
+)
+SUBMIT_FORM = RequestBody(
+    required=True,
+    description="The guide's two files: -F code=@solution.py -F config_file=@config.yaml",
+    content={"multipart/form-data": OpenAPIMediaType(schema=Schema(
+        type=OpenAPIType.OBJECT,
+        required=["code", "config_file"],
+        properties={
+            "code": Schema(type=OpenAPIType.STRING, format=OpenAPIFormat.BINARY,
+                           description="solution.py: the Python program to run (not blank)"),
+            "config_file": Schema(
+                type=OpenAPIType.STRING, format=OpenAPIFormat.BINARY,
+                description="config.yaml (YAML, JSON or a Python dict's repr): "
+                            "competition_id, project_id, user_id (the token's), expected_time "
+                            "(seconds), optional token and gpus"),
+        },
+        additional_properties=False,  # any other field is answered 400
+    ))},
+)
+
+
+@dataclasses.dataclass
+class ApiOperation(Operation):
+    """Declares the Retry-After header every 429 and 503 answer carries."""
+
+    def __post_init__(self) -> None:
+        for code, response in (self.responses or {}).items():
+            if code in ("429", "503") and isinstance(response, OpenAPIResponse):
+                response.headers = {"Retry-After": RETRY_AFTER}
+
+
+@dataclasses.dataclass
+class SubmitOperation(ApiOperation):
+    """The form the handler reads itself (so Litestar sees no body), and Idempotency-Key."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.request_body = SUBMIT_FORM
+        self.parameters = [*(self.parameters or []), IDEMPOTENCY_KEY]
+
+
+@dataclasses.dataclass
+class JobsOperation(ApiOperation):
+    """The jobs page's X-Next-Cursor header."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        ok = (self.responses or {}).get("200")
+        if isinstance(ok, OpenAPIResponse):
+            ok.headers = {**(ok.headers or {}), "X-Next-Cursor": NEXT_CURSOR}
+
+
+def openapi_config() -> OpenAPIConfig:
+    """The schema at /schema/openapi.json, with the bearer token the routes take."""
+    return OpenAPIConfig(
+        title="gpujobq", version="0.1.0", use_handler_docstrings=True,
+        components=Components(security_schemes={BEARER: SecurityScheme(
+            type="http", scheme="bearer",
+            description="The user's token: Authorization: Bearer TOKEN")}),
+    )
 
 
 def service_of(request: Request[Any, Any, Any]) -> service.JobService:
@@ -121,8 +258,14 @@ def _only_known(request: Request[Any, Any, Any], form: Any) -> None:
                 f"Unknown query parameter '{name}': /api/submit takes only 'wait'")
 
 
-@post("/api/submit", status_code=200)
+@post("/api/submit", status_code=200, operation_class=SubmitOperation, security=SECURITY,
+      responses={202: ResponseSpec(SubmitReply, generate_examples=False, description=(
+          "Accepted, not finished yet (wait=false, or the server's wait cap passed): "
+          "the job's state so far")),
+          **error_responses(400, 403, 413, 422, 429, *AUTHED)})
 async def submit(request: Request[Any, Any, Any], wait: bool = True) -> Response[SubmitReply]:
+    """Run solution.py as config.yaml says. Answers with the result (200) once the job
+    has finished, or at once with wait=false (202)."""
     svc = service_of(request)
     user = user_of(request, None)
     form = await request.form()
@@ -149,7 +292,8 @@ async def submit(request: Request[Any, Any, Any], wait: bool = True) -> Response
     return Response(_result(request, job), status_code=200 if job.status in TERMINAL else 202)
 
 
-@get("/api/status/{job_id:path}")
+@get("/api/status/{job_id:path}", operation_class=ApiOperation, security=SECURITY,
+     responses=error_responses(400, 403, 404, *AUTHED))
 async def status(
     request: Request[Any, Any, Any], job_id: str, user_id: str | None = None
 ) -> StatusReply:
@@ -171,7 +315,8 @@ async def status(
     )
 
 
-@get("/api/results/{job_id:path}")
+@get("/api/results/{job_id:path}", operation_class=ApiOperation, security=SECURITY,
+     responses=error_responses(400, 403, 404, *AUTHED))
 async def result(
     request: Request[Any, Any, Any], job_id: str, user_id: str | None = None
 ) -> SubmitReply:
@@ -179,13 +324,16 @@ async def result(
     return _result(request, svc.job_of(path_id(job_id), user_of(request, user_id)))
 
 
-@get("/api/jobs")
+@get("/api/jobs", operation_class=JobsOperation, security=SECURITY,
+     responses=error_responses(400, 403, *AUTHED))
 async def jobs(
     request: Request[Any, Any, Any],
     user_id: str | None = None,
-    limit: int = 100,
-    cursor: str | None = None,
+    # Checked by the handler (its own messages); declared for the schema only.
+    limit: Annotated[int, Parameter(schema_extra={"minimum": 1, "maximum": MAX_PAGE})] = 100,
+    cursor: Annotated[str | None, Parameter(schema_extra={"pattern": r"^[0-9]{1,18}$"})] = None,
 ) -> Response[list[JobItem]]:
+    """The token's user's jobs, newest first; X-Next-Cursor leads to the next page."""
     svc = service_of(request)
     user = user_of(request, user_id)
     if not 1 <= limit <= MAX_PAGE:
@@ -208,7 +356,8 @@ async def jobs(
     return Response(body, headers=headers)
 
 
-@post("/api/cancel/{job_id:path}", status_code=200)
+@post("/api/cancel/{job_id:path}", status_code=200, operation_class=ApiOperation,
+      security=SECURITY, responses=error_responses(400, 403, 404, 409, *AUTHED))
 async def cancel(
     request: Request[Any, Any, Any], job_id: str, user_id: str | None = None
 ) -> CancelReply:
@@ -218,19 +367,20 @@ async def cancel(
 
 
 @get("/api/health")
-async def health(request: Request[Any, Any, Any]) -> dict[str, Any]:
+async def health(request: Request[Any, Any, Any]) -> HealthReply:
+    """No token needed: the controller is up, and which agents it reaches."""
     links = service_of(request).dispatcher.links
-    return {
-        "status": "ok",
-        "agents": {
-            name: {
-                "connected": link.connected,
-                "runtime": link.hello.runtime if link.hello else None,
-                "error": link.last_error,
-            }
+    return HealthReply(
+        status="ok",
+        agents={
+            name: AgentHealth(
+                connected=link.connected,
+                runtime=link.hello.runtime if link.hello else None,
+                error=link.last_error,
+            )
             for name, link in links.items()
         },
-    }
+    )
 
 
 ROUTES = [submit, status, result, jobs, cancel, health]

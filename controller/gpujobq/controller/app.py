@@ -142,4 +142,5 @@ def create_app(settings: Settings) -> Litestar:
         lifespan=[lifespan],
         exception_handlers={Exception: api.error_response},
         request_max_body_size=settings.max_upload,
+        openapi_config=api.openapi_config(),
     )
