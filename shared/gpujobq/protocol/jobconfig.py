@@ -11,7 +11,6 @@ import re
 from typing import Annotated, Any
 
 import msgspec
-import yaml
 from gpujobq.protocol import yamlsafe
 
 # Letters, digits, '.', '_' and '-'; starts with a letter or digit. IDs become parts of
@@ -64,7 +63,7 @@ def for_job(config: JobConfig) -> bytes:
     fields.pop("token", None)
     if fields["gpus"] is None:
         del fields["gpus"]
-    return yaml.safe_dump(fields, sort_keys=False).encode()
+    return yamlsafe.dump(fields).encode()
 
 
 def _readable(message: str) -> str:
