@@ -407,3 +407,54 @@ def test_v3_counts_the_records_of_ended_jobs_as_written(tmp_path: pathlib.Path) 
     rows = db.execute("SELECT status, recorded FROM jobs").fetchall()
     assert rows and all(rec == (status in ("completed", "failed", "cancelled"))
                         for status, rec in rows)
+
+
+# ---- group commit ------------------------------------------------------------------------
+
+
+async def test_group_commit_shares_one_commit_and_isolates_failures(tmp_path: pathlib.Path
+                                                                    ) -> None:
+    import asyncio
+
+    db = database.open_database(tmp_path / "g.db")
+    db.execute("CREATE TABLE t (v INTEGER UNIQUE)")
+    commits = database.GroupCommit(db)
+    seen: list[int] = []
+    db.conn.set_trace_callback(lambda sql: seen.append(1) if sql == "COMMIT" else None)
+
+    def insert(v: int) -> int:
+        db.execute("INSERT INTO t (v) VALUES (?)", [v])
+        return v
+
+    def clash() -> int:
+        db.execute("INSERT INTO t (v) VALUES (?)", [3])
+        db.execute("INSERT INTO t (v) VALUES (?)", [1])  # taken: only this fn is undone
+        return -1
+
+    got = await asyncio.gather(*(commits.run(lambda v=v: insert(v)) for v in (1, 2)),
+                               commits.run(clash), return_exceptions=True)
+    assert got[:2] == [1, 2]
+    assert isinstance(got[2], sqlite3.IntegrityError)
+    assert sorted(r[0] for r in db.execute("SELECT v FROM t")) == [1, 2]  # no 3
+    assert len(seen) == 1  # one COMMIT for the three
+    assert not db.conn.in_transaction
+
+
+async def test_group_commit_failure_fails_every_write(tmp_path: pathlib.Path) -> None:
+    import asyncio
+
+    db = database.open_database(tmp_path / "g.db")
+    db.execute("CREATE TABLE t (v INTEGER)")
+    commits = database.GroupCommit(db)
+    other = sqlite3.connect(tmp_path / "g.db", timeout=0)
+    other.execute("BEGIN IMMEDIATE")  # the write lock is taken: BEGIN IMMEDIATE fails
+    db.conn.execute("PRAGMA busy_timeout = 0")
+    try:
+        got = await asyncio.gather(*(commits.run(lambda: db.execute(
+            "INSERT INTO t (v) VALUES (1)")) for _ in range(3)), return_exceptions=True)
+    finally:
+        other.rollback()
+        other.close()
+    assert all(isinstance(g, sqlite3.OperationalError) for g in got), got
+    assert db.execute("SELECT count(*) FROM t").fetchone()[0] == 0
+    assert not db.conn.in_transaction

@@ -334,8 +334,8 @@ class Agent:
             files=outcome.files,
             dirty=self.dirty_gpus(),
         )
-        try:
-            self.spool.store_result(exited)
+        try:  # written and fsynced off the event loop: the other jobs' reports go on
+            await asyncio.to_thread(self.spool.store_result, exited)
         except OSError:
             log.exception("could not store the result of job %s", run.job_id)
         held.result = exited

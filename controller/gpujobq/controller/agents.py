@@ -24,13 +24,16 @@ _CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly13
             "aes128-ctr", "aes256-ctr")
 
 
+READ_CHUNK = 1 << 20  # bytes of the job channel read at once
+
+
 class LinkDown(Exception):
     """The host's job channel is not open."""
 
 
 class Handler(Protocol):
     def on_connected(self, link: Link, hello: messages.Hello) -> None: ...
-    def on_message(self, link: Link, msg: messages.Up) -> None: ...
+    def on_messages(self, link: Link, msgs: list[messages.Up]) -> None: ...
     def on_disconnected(self, link: Link) -> None: ...
 
 
@@ -134,13 +137,20 @@ class Link:
         self.last_error = None
         log.info("agent %s connected (runtime %s)", self.name, self.hello.runtime)
         self.handler.on_connected(self, self.hello)
-        while (body := await wire.read_frame(channel.stdout)) is not None:
-            try:
-                msg = wire.decode_up(body)
-            except messages.ProtocolError as exc:
-                log.warning("agent %s sent an unreadable message: %s", self.name, exc)
-                continue
-            self.handler.on_message(self, msg)
+        frames = wire.Frames()
+        # Whatever has arrived is read at once and handed over as one burst: the handler
+        # stores a burst's reports in one transaction.
+        while chunk := await channel.stdout.read(READ_CHUNK):
+            burst = []
+            for body in frames.feed(chunk):
+                try:
+                    burst.append(wire.decode_up(body))
+                except messages.ProtocolError as exc:
+                    log.warning("agent %s sent an unreadable message: %s", self.name, exc)
+            if burst:
+                self.handler.on_messages(self, burst)
+        if frames.partial:
+            raise messages.ProtocolError("job channel ended inside a frame")
         raise ConnectionError("job channel closed by the agent")
 
     async def _teardown(self) -> None:

@@ -286,7 +286,7 @@ async def submit(request: Request[Any, Any, Any], wait: bool = True) -> Response
     key = request.headers.get("idempotency-key")
     if key is not None and not (0 < len(key) <= 200 and key.isprintable()):
         raise errors.BadRequest("Idempotency-Key must be 1-200 printable characters")
-    job = svc.submit(config, code, key)
+    job = await svc.submit(config, code, key)
     if wait:
         job = await svc.wait(job, svc.settings.wait_cap)
     return Response(_result(request, job), status_code=200 if job.status in TERMINAL else 202)

@@ -7,14 +7,18 @@ transaction; a newer file (made by a newer gpujobq) is refused.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import pathlib
 import sqlite3
 from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import sqlite_utils
 from gpujobq.controller import errors
+
+T = TypeVar("T")
 
 # The current schema, for a new file. A change to it is also a step in MIGRATIONS.
 SCHEMA = """
@@ -204,6 +208,17 @@ def write(db: sqlite_utils.Database) -> Iterator[sqlite_utils.Database]:
     Rolled back on any error, a failed COMMIT included (a full disk fails there), so the
     connection is never left inside a transaction.
     """
+    if getattr(db, "_batched", False):  # inside batch(): a savepoint of its transaction
+        db.execute("SAVEPOINT write")
+        try:
+            yield db
+        except BaseException:
+            if db.conn.in_transaction:
+                db.execute("ROLLBACK TO write")
+                db.execute("RELEASE write")
+            raise
+        db.execute("RELEASE write")
+        return
     db.execute("BEGIN IMMEDIATE")
     try:
         yield db
@@ -212,6 +227,72 @@ def write(db: sqlite_utils.Database) -> Iterator[sqlite_utils.Database]:
         if db.conn.in_transaction:  # SQLite may have rolled back already (SQLITE_FULL)
             db.execute("ROLLBACK")
         raise
+
+
+@contextlib.contextmanager
+def batch(db: sqlite_utils.Database) -> Iterator[sqlite_utils.Database]:
+    """Every write() inside shares one transaction and one COMMIT (one fsync); each is a
+    savepoint, so a failing one undoes only itself. No await may happen inside: the
+    transaction must not stay open while other requests run. Nested: joins the outer."""
+    if getattr(db, "_batched", False):
+        yield db
+        return
+    with write(db):
+        db._batched = True  # type: ignore[attr-defined]
+        try:
+            yield db
+        finally:
+            db._batched = False  # type: ignore[attr-defined]
+
+
+class GroupCommit:
+    """Writes from the event loop that share one durable COMMIT (one fsync).
+
+    ``await run(fn)`` queues ``fn``; at the end of the loop's current pass, every queued
+    ``fn`` runs inside one write transaction, each under its own savepoint (an ``fn``
+    that raises undoes only its own writes and gets its exception back), then one COMMIT.
+    Nobody hears back before that COMMIT: acknowledged still means on disk. A failed
+    COMMIT fails them all. Idle, a write waits for nothing; under load, for the others
+    that came in the same pass.
+    """
+
+    def __init__(self, db: sqlite_utils.Database) -> None:
+        self.db = db
+        self._queued: list[tuple[Callable[[], Any], asyncio.Future[Any]]] = []
+
+    async def run(self, fn: Callable[[], T]) -> T:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[T] = loop.create_future()
+        self._queued.append((fn, done))
+        if len(self._queued) == 1:
+            loop.call_soon(self._flush)
+        return await done
+
+    def _flush(self) -> None:
+        batch, self._queued = self._queued, []
+        outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        try:
+            with write(self.db):
+                for fn, done in batch:
+                    self.db.execute("SAVEPOINT one")
+                    try:
+                        outcomes.append((done, fn(), None))
+                    except Exception as exc:
+                        self.db.execute("ROLLBACK TO one")
+                        outcomes.append((done, None, exc))
+                    self.db.execute("RELEASE one")
+        except Exception as exc:  # BEGIN or COMMIT failed: nothing of the batch is stored
+            for _, done in batch:
+                if not done.done():
+                    done.set_exception(exc)
+            return
+        for done, value, exc in outcomes:
+            if done.done():  # its request went away meanwhile
+                continue
+            if exc is None:
+                done.set_result(value)
+            else:
+                done.set_exception(exc)
 
 
 # ---- failures of the storage ------------------------------------------------------------

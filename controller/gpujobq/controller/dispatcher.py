@@ -13,9 +13,18 @@ import logging
 import math
 import pathlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
-from gpujobq.controller import agents, crashpoints, errors, fleet, results, scheduler, store
+from gpujobq.controller import (
+    agents,
+    crashpoints,
+    database,
+    errors,
+    fleet,
+    results,
+    scheduler,
+    store,
+)
 from gpujobq.controller.settings import Settings
 from gpujobq.protocol import inventory as inventory_mod
 from gpujobq.protocol import messages
@@ -97,6 +106,7 @@ class Dispatcher:
         self.clock = clock
         self.mono = monotonic  # the links' down_since is time.monotonic too
         self.plan = scheduler.Plan([], {})
+        self._plan_fresh = False  # False: the queue changed since the plan was made
         self.watchers = Watchers()
         self.live: dict[str, LiveOutput] = {}
         # Attempts the controller gave up on (cancelled or requeued while their host was
@@ -109,6 +119,11 @@ class Dispatcher:
         self._running = False
         self._records_checked = -math.inf
         self._stopped: set[asyncio.Task[None]] = set()  # link tasks cancelled, not yet done
+        # Inside _batch(): what must wait for its COMMIT (messages to agents, records,
+        # waking waiters); None outside.
+        self._after_commit: list[Callable[[], None]] | None = None
+        self._to_record: list[store.Job] = []
+        self._recording: set[asyncio.Task[None]] = set()  # records being written
         self.apply_inventory(inventory)
 
     @property
@@ -199,6 +214,34 @@ class Dispatcher:
         node = self.nodes.get(link.name)
         return node if node is not None and node.link is link else None
 
+    # ---- batches ---------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _batch(self) -> Iterator[None]:
+        """The writes inside share one COMMIT; what must follow the COMMIT (telling an
+        agent, writing a result record, answering a waiter) runs once it is done, and
+        not at all if it fails. Synchronous: no await inside."""
+        if self._after_commit is not None:
+            yield
+            return
+        self._after_commit = []
+        try:
+            with database.batch(self.store.db):
+                yield
+            later, to_record = self._after_commit, self._to_record
+        finally:
+            self._after_commit, self._to_record = None, []
+        if to_record:
+            self._record_then_notify(to_record)
+        for action in later:
+            action()
+
+    def _later(self, action: Callable[[], None]) -> None:
+        if self._after_commit is None:
+            action()
+        else:
+            self._after_commit.append(action)
+
     # ---- the loop ------------------------------------------------------------------------
 
     def wake(self) -> None:
@@ -229,25 +272,55 @@ class Dispatcher:
                 self._stop(node)
             await asyncio.gather(*self._stopped, return_exceptions=True)
 
-    def _record(self, job: store.Job) -> bool:
-        """Write the job's result record, and note that it is written."""
+    def _record_then_notify(self, jobs: list[store.Job]) -> None:
+        """Ended jobs (stored): write their records, then wake their waiters. While the
+        loop runs, the files are written (and fsynced) in a thread, off the event loop."""
+        crashpoints.reach("before_record")  # the jobs are stored as ended; records not yet
+        if not self._running:
+            self._record_all(jobs)
+            for job in jobs:
+                self.watchers.notify(job.id)
+            return
+        task = asyncio.create_task(self._record_in_thread(jobs))
+        self._recording.add(task)
+        task.add_done_callback(self._recording.discard)
+
+    async def _record_in_thread(self, jobs: list[store.Job]) -> None:
         try:
-            results.write(pathlib.Path(self.settings.results_dir), job)
-        except (OSError, ValueError):
-            log.exception("could not write the result record of job %s (tried again "
-                          "later)", job.id)
-            return False
-        self.store.mark_recorded(job.id)
-        return True
+            written = await asyncio.to_thread(self._write_records, jobs)
+            if written:
+                self.store.mark_recorded(*written)
+        except Exception:  # the records are written later (record_missing)
+            log.exception("could not note written result records")
+        finally:
+            for job in jobs:
+                self.watchers.notify(job.id)
+
+    def _write_records(self, jobs: list[store.Job]) -> list[str]:
+        """Write these jobs' result record files; stops at the first that fails (tried
+        again later). Returns the ids written. No database: safe in a thread."""
+        written = []
+        for job in jobs:
+            try:
+                results.write(pathlib.Path(self.settings.results_dir), job)
+            except (OSError, ValueError):
+                log.exception("could not write the result record of job %s (tried again "
+                              "later)", job.id)
+                break
+            written.append(job.id)
+        return written
+
+    def _record_all(self, jobs: list[store.Job]) -> int:
+        """Write these jobs' result records, and note (in one transaction) which are
+        written. Returns how many."""
+        written = self._write_records(jobs)
+        if written:
+            self.store.mark_recorded(*written)
+        return len(written)
 
     def record_missing(self) -> int:
         """Result records a crash (or a full disk) kept from being written: write them."""
-        written = 0
-        for job in self.store.unrecorded():
-            if not self._record(job):
-                break
-            written += 1
-        return written
+        return self._record_all(self.store.unrecorded())
 
     def run_once(self) -> int:
         """Requeue jobs of lost hosts, then place what fits; returns jobs dispatched."""
@@ -261,10 +334,35 @@ class Dispatcher:
         if self._requeue_lost(running):
             running = self.store.by_status(Status.RUNNING)
         self._retire(running)
+        if not self._room(running):
+            # Nothing can start: no need to read and order the whole queue. Positions and
+            # estimates are worked out again when a status asks for them.
+            self._plan_fresh = False
+            return 0
         self.plan = self._plan(running)
-        for assignment in self.plan.assignments:
-            self._dispatch(assignment)
+        self._plan_fresh = True
+        with self._batch():
+            for assignment in self.plan.assignments:
+                self._dispatch(assignment)
         return len(self.plan.assignments)
+
+    def _room(self, running: list[store.Job]) -> bool:
+        """Whether an up host has a GPU that nothing holds (a cheap bound: the plan
+        decides what fits)."""
+        now = self.mono()
+        taken: dict[str, set[int]] = {}
+        for job in running:
+            if job.node is not None:
+                taken.setdefault(job.node, set()).update(job.gpus)
+        for host, gpus in self.lingering.values():
+            taken.setdefault(host, set()).update(gpus)
+        for node in self.nodes.values():
+            if node.state(now, self.settings.heartbeat_timeout) != "up":
+                continue
+            held = taken.get(node.name, set()) | {d.index for d in node.dirty}
+            if any(g.index not in held for g in node.gpus):
+                return True
+        return False
 
     def queued(self, row: store.QueuedRow) -> scheduler.Queued:
         profile = self.inventory.profile_of_job(row.competition_id)
@@ -306,10 +404,11 @@ class Dispatcher:
         """Where a pending job stands: position, pending reason, estimated start."""
         if job.status is not Status.PENDING:
             return None
-        if job.id not in self.plan.waiting:
+        if not self._plan_fresh or job.id not in self.plan.waiting:
             # Submitted since the last pass: plan again (placing nothing here).
             fresh = self._plan(self.store.by_status(Status.RUNNING))
             self.plan = scheduler.Plan(self.plan.assignments, fresh.waiting)
+            self._plan_fresh = True
             if any(a.job_id == job.id for a in fresh.assignments):
                 self.wake()  # the next pass starts it
                 return scheduler.Waiting(0, "starting", self.clock())
@@ -344,7 +443,7 @@ class Dispatcher:
         job = self.store.dispatch(
             assignment.job_id, assignment.host, [g.index for g in assignment.gpus]
         )
-        crashpoints.reach("after_dispatch")
+        self._later(lambda: crashpoints.reach("after_dispatch"))  # stored, not sent yet
         self.dispatched_at[job.id] = self.mono()
         code, config = self.store.payload(job.id)
         profile = self.inventory.profile_of_job(job.competition_id)
@@ -362,12 +461,17 @@ class Dispatcher:
             grace=self.settings.grace,
             output_cap=self.settings.output_cap,
         )
-        try:
-            self.nodes[assignment.host].link.send(run)
-        except agents.LinkDown as exc:
-            log.info("job %s not sent: %s; back to the queue", job.id, exc)
-            self.store.requeue(job.id, job.attempt, str(exc), self.settings.max_retries,
-                               count=False)
+        link = self.nodes[assignment.host].link
+
+        def send() -> None:  # only once the job is stored as running there
+            try:
+                link.send(run)
+            except agents.LinkDown as exc:
+                log.info("job %s not sent: %s; back to the queue", job.id, exc)
+                self.store.requeue(job.id, job.attempt, str(exc), self.settings.max_retries,
+                                   count=False)
+
+        self._later(send)
 
     def _requeue_lost(self, running: list[store.Job]) -> bool:
         """Requeue the running jobs of hosts gone too long (or gone from the inventory)."""
@@ -522,11 +626,20 @@ class Dispatcher:
             log.warning("agent %s disconnected", link.name)
         self.wake()
 
+    def on_messages(self, link: agents.Link, msgs: list[messages.Up]) -> None:
+        """A burst of reports from one agent, stored in one transaction."""
+        with self._batch():
+            for msg in msgs:
+                self.on_message(link, msg)
+
     def on_message(self, link: agents.Link, msg: messages.Up) -> None:
         node = self.node_of(link)
         if node is None:
             return  # a link the inventory replaced: its reports are stale
         node.last_heard = self.mono()
+        if self._after_commit is None:
+            self.on_messages(link, [msg])
+            return
         try:
             match msg:
                 case messages.Started():
@@ -602,7 +715,7 @@ class Dispatcher:
                 files=[(f.name, f.data) for f in msg.files],
             )
             self._finished(job)
-            crashpoints.reach("before_ack")
+            self._later(lambda: crashpoints.reach("before_ack"))  # stored, not acked yet
         # Stored now (or stale, or stored before): the agent may drop its copy.
         self._send(link, messages.Ack(job_id=msg.job_id, attempt=msg.attempt))
         self.wake()
@@ -618,17 +731,20 @@ class Dispatcher:
         self.live.pop(job.id, None)
         self.dispatched_at.pop(job.id, None)
         self.started_seen.pop(job.id, None)
-        crashpoints.reach("before_record")  # the job is stored as ended; its record not yet
-        self._record(job)
-        self.watchers.notify(job.id)
         self.wake()
+        if self._after_commit is not None:
+            self._to_record.append(job)
+        else:
+            self._record_then_notify([job])
 
-    @staticmethod
-    def _send(link: agents.Link, msg: messages.Down) -> None:
-        try:
-            link.send(msg)
-        except agents.LinkDown as exc:
-            log.info("could not send %s: %s", type(msg).__name__, exc)
+    def _send(self, link: agents.Link, msg: messages.Down) -> None:
+        def send() -> None:
+            try:
+                link.send(msg)
+            except agents.LinkDown as exc:
+                log.info("could not send %s: %s", type(msg).__name__, exc)
+
+        self._later(send)
 
 
 def _endpoint(link: agents.Link) -> tuple[object, ...]:

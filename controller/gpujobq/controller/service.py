@@ -8,6 +8,7 @@ from collections.abc import Callable
 from gpujobq.controller import (
     accounts,
     crashpoints,
+    database,
     dispatcher,
     errors,
     ratelimit,
@@ -35,6 +36,7 @@ class JobService:
         self.settings = settings
         self.clock = clock
         self.stopping = False  # set on SIGTERM: no new jobs, waiters answer at once
+        self.commits = database.GroupCommit(store.db)
         self.limits = ratelimit.Limits(
             submits=settings.submit_limit, window=settings.submit_window,
             active=settings.active_limit,
@@ -51,7 +53,7 @@ class JobService:
         self.stopping = True
         self.dispatcher.watchers.notify_all()
 
-    def submit(
+    async def submit(
         self, config: jobconfig.JobConfig, code: bytes, idempotency_key: str | None
     ) -> store.Job:
         if self.stopping:
@@ -74,22 +76,21 @@ class JobService:
                 f"gpus: {gpus} requested, but a job of competition "
                 f"'{config.competition_id}' may use at most {profile.max_gpus}")
         self._runnable(scheduler.Queued(job_id="", gpus=gpus, labels=profile.labels))
-        job, created = self.store.submit(
-            store.NewJob(
-                id=str(uuid.uuid4()),
-                user_id=config.user_id,
-                competition_id=config.competition_id,
-                project_id=config.project_id,
-                expected_time=config.expected_time,
-                time_limit=min(config.expected_time * self.settings.time_limit_factor,
-                               profile.time_cap),
-                code=code,
-                config=jobconfig.for_job(config),
-                gpu_count=gpus,
-                idempotency_key=idempotency_key,
-            ),
-            self.limits,
+        new = store.NewJob(
+            id=str(uuid.uuid4()),
+            user_id=config.user_id,
+            competition_id=config.competition_id,
+            project_id=config.project_id,
+            expected_time=config.expected_time,
+            time_limit=min(config.expected_time * self.settings.time_limit_factor,
+                           profile.time_cap),
+            code=code,
+            config=jobconfig.for_job(config),
+            gpu_count=gpus,
+            idempotency_key=idempotency_key,
         )
+        # Submits that arrive together share one durable commit (see GroupCommit).
+        job, created = await self.commits.run(lambda: self.store.submit_within(new, self.limits))
         if created:
             crashpoints.reach("after_commit")
             self.dispatcher.wake()

@@ -140,9 +140,10 @@ class Store:
             " 'cancelled') ORDER BY seq LIMIT ?", [limit])]
         return [job for i in ids if (job := self.get(i)) is not None]
 
-    def mark_recorded(self, job_id: str) -> None:
+    def mark_recorded(self, *job_ids: str) -> None:
         with database.write(self.db):
-            self.db.execute("UPDATE jobs SET recorded = 1 WHERE id = ?", [job_id])
+            self.db.conn.executemany("UPDATE jobs SET recorded = 1 WHERE id = ?",
+                                     [(i,) for i in job_ids])
 
     def queue(self) -> list[QueuedRow]:
         """Every pending job, in submission order."""
@@ -181,46 +182,50 @@ class Store:
         With an idempotency key already used by this user, the earlier job is returned
         and nothing is stored. A refusal raises RateLimited and stores nothing.
         """
-        now = self.clock()
         with database.write(self.db):
-            if new.idempotency_key is not None:
-                row = self.db.execute(
-                    "SELECT id FROM jobs WHERE user_id = ? AND idempotency_key = ?",
-                    [new.user_id, new.idempotency_key],
-                ).fetchone()
-                if row:
-                    job = self.get(row[0])
-                    assert job is not None
-                    return job, False
-            active = [
-                ratelimit.ActiveJob(*r)
-                for r in self.db.execute(
-                    "SELECT expected_time, started_at FROM jobs"
-                    " WHERE user_id = ? AND status IN ('pending', 'running')",
-                    [new.user_id],
-                )
-            ]
-            recent = [
-                r[0]
-                for r in self.db.execute(
-                    "SELECT created_at FROM jobs WHERE user_id = ? AND created_at > ?",
-                    [new.user_id, now - limits.window],
-                )
-            ]
-            refusal = ratelimit.check(limits, active, recent, now)
-            if refusal is not None:
-                raise errors.RateLimited(
-                    refusal.detail, headers={"Retry-After": str(refusal.retry_after)}
-                )
-            self.db.execute(
-                "INSERT INTO jobs (id, user_id, competition_id, project_id, expected_time,"
-                " time_limit, status, code, config, gpu_count, idempotency_key, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?)",
-                [new.id, new.user_id, new.competition_id, new.project_id, new.expected_time,
-                 new.time_limit, new.code, new.config, new.gpu_count, new.idempotency_key,
-                 now],
+            return self.submit_within(new, limits)
+
+    def submit_within(self, new: NewJob, limits: ratelimit.Limits) -> tuple[Job, bool]:
+        """submit() inside a write transaction the caller holds (database.GroupCommit)."""
+        now = self.clock()
+        if new.idempotency_key is not None:
+            row = self.db.execute(
+                "SELECT id FROM jobs WHERE user_id = ? AND idempotency_key = ?",
+                [new.user_id, new.idempotency_key],
+            ).fetchone()
+            if row:
+                job = self.get(row[0])
+                assert job is not None
+                return job, False
+        active = [
+            ratelimit.ActiveJob(*r)
+            for r in self.db.execute(
+                "SELECT expected_time, started_at FROM jobs"
+                " WHERE user_id = ? AND status IN ('pending', 'running')",
+                [new.user_id],
             )
-            self._event(new.id, 0, None, Status.PENDING, now, "submitted", None)
+        ]
+        recent = [
+            r[0]
+            for r in self.db.execute(
+                "SELECT created_at FROM jobs WHERE user_id = ? AND created_at > ?",
+                [new.user_id, now - limits.window],
+            )
+        ]
+        refusal = ratelimit.check(limits, active, recent, now)
+        if refusal is not None:
+            raise errors.RateLimited(
+                refusal.detail, headers={"Retry-After": str(refusal.retry_after)}
+            )
+        self.db.execute(
+            "INSERT INTO jobs (id, user_id, competition_id, project_id, expected_time,"
+            " time_limit, status, code, config, gpu_count, idempotency_key, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?)",
+            [new.id, new.user_id, new.competition_id, new.project_id, new.expected_time,
+             new.time_limit, new.code, new.config, new.gpu_count, new.idempotency_key,
+             now],
+        )
+        self._event(new.id, 0, None, Status.PENDING, now, "submitted", None)
         job = self.get(new.id)
         assert job is not None
         return job, True

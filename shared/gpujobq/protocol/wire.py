@@ -60,3 +60,33 @@ async def read_frame(reader: asyncio.StreamReader | Any) -> bytes | None:
         return bytes(await reader.readexactly(size))
     except asyncio.IncompleteReadError as exc:
         raise messages.ProtocolError("stream ended inside a frame") from exc
+
+
+class Frames:
+    """Frames from a byte stream read in chunks of any size: feed() returns the bodies
+    of every frame completed so far (so a burst of messages is handled together)."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[bytes]:
+        self._buf += data
+        bodies = []
+        start = 0
+        while len(self._buf) - start >= _LEN.size:
+            (size,) = _LEN.unpack_from(self._buf, start)
+            if size > MAX_FRAME:
+                raise messages.ProtocolError(
+                    f"frame of {size} bytes is over the {MAX_FRAME} limit")
+            end = start + _LEN.size + size
+            if len(self._buf) < end:
+                break
+            bodies.append(bytes(self._buf[start + _LEN.size:end]))
+            start = end
+        del self._buf[:start]
+        return bodies
+
+    @property
+    def partial(self) -> bool:
+        """Whether bytes of an unfinished frame are waiting."""
+        return bool(self._buf)
