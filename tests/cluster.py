@@ -80,11 +80,16 @@ class Agent:
 
 
 class Cluster:
-    """``gpus``: GPUs of every agent, or a list with one count per agent."""
+    """``gpus``: GPUs of every agent, or a list with one count per agent.
+
+    ``inventory``: a file written elsewhere (by `gpujobq-agent simulate`) that the
+    controller reads instead, for agents the cluster does not start (use ``agents=0``).
+    """
 
     def __init__(self, root: pathlib.Path, agents: int = 1, gpus: int | list[int] = 2,
                  agent_args: tuple[str, ...] = ("--runtime", "process"), gpu_specs: str = "",
-                 inventory_extra: str = "", **settings: Any) -> None:
+                 inventory_extra: str = "", inventory: pathlib.Path | None = None,
+                 **settings: Any) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self.db_path = root / "gpujobq.db"
@@ -99,8 +104,9 @@ class Cluster:
             self.add_agent(count)
         self.gpu_specs = gpu_specs
         self.inventory_extra = inventory_extra
-        self.inventory = root / "inventory.yaml"
-        self.write_inventory()
+        self.inventory = inventory or root / "inventory.yaml"
+        if inventory is None:
+            self.write_inventory()
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.settings = {"grace": 1, **settings}

@@ -1,4 +1,4 @@
-"""gpujobq-agent: keygen, authorize, serve."""
+"""gpujobq-agent: keygen, authorize, serve, simulate."""
 
 from __future__ import annotations
 
@@ -7,13 +7,25 @@ import asyncio
 import contextlib
 import logging
 import pathlib
+import re
 import shutil
 import signal
 import socket
 import sys
 
-from gpujobq.agent import containers, core, gpus, process, runtime, server, spool, toolkit
-from gpujobq.protocol import inventory, messages
+from gpujobq.agent import (
+    containers,
+    core,
+    gpus,
+    instant,
+    process,
+    runtime,
+    server,
+    simulate,
+    spool,
+    toolkit,
+)
+from gpujobq.protocol import inventory, jobconfig, messages
 from gpujobq.protocol import sshkeys as keys
 
 DEFAULT_DIR = pathlib.Path("var/agent")
@@ -41,16 +53,28 @@ def _parser() -> argparse.ArgumentParser:
     au.add_argument("--authorized-keys", type=pathlib.Path, default=DEFAULT_DIR / "authorized_keys")
     au.set_defaults(func=_authorize)
 
-    sv = sub.add_parser("serve", help="run the agent's SSH server")
+    # What the instant runtime answers for every job (load testing; see instant.py).
+    fake = argparse.ArgumentParser(add_help=False)
+    fake.add_argument("--instant-stdout", default="", metavar="TEXT",
+                      help="instant runtime: each job's stdout, taken literally except "
+                           "{job_id} and {attempt} (default empty)")
+    fake.add_argument("--instant-stderr", default="", metavar="TEXT",
+                      help="instant runtime: each job's stderr, as --instant-stdout")
+    fake.add_argument("--instant-exit-code", type=_exit_code, default=0, metavar="N",
+                      help="instant runtime: each job's exit code (default 0)")
+
+    sv = sub.add_parser("serve", parents=[fake], help="run the agent's SSH server")
     sv.add_argument("--listen", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     sv.add_argument("--port", type=int, default=8022)
     sv.add_argument("--name", default=socket.gethostname(), help="host name it reports")
     sv.add_argument("--host-key", type=pathlib.Path, default=DEFAULT_DIR / "ssh_host_ed25519_key")
     sv.add_argument("--authorized-keys", type=pathlib.Path, default=DEFAULT_DIR / "authorized_keys")
     sv.add_argument("--spool", type=pathlib.Path, default=DEFAULT_DIR / "spool")
-    sv.add_argument("--runtime", choices=["auto", "docker", "process"], default="auto",
+    sv.add_argument("--runtime", choices=["auto", "docker", "process", "instant"],
+                    default="auto",
                     help="docker (isolated containers), process (NOT isolated, trusted hosts "
-                         "only), or auto: docker when a daemon answers (default)")
+                         "only), instant (runs NOTHING: load-testing a controller), or auto: "
+                         "docker when a daemon answers (default)")
     sv.add_argument("--python", default=shutil.which("python3") or sys.executable,
                     help="interpreter for the process runtime")
     sv.add_argument("--image", default=inventory.DEFAULT_IMAGE,
@@ -71,7 +95,36 @@ def _parser() -> argparse.ArgumentParser:
                     help="seconds without a word from the controller before running jobs are "
                          "stopped (until the controller sends its own value)")
     sv.set_defaults(func=_serve)
+
+    sm = sub.add_parser("simulate", parents=[fake],
+                        help="many agents with the instant runtime in one process, to "
+                             "load-test a controller")
+    sm.add_argument("--count", type=int, default=10, help="agents (default 10)")
+    sm.add_argument("--gpus", type=int, default=8, help="virtual GPUs per agent (default 8)")
+    sm.add_argument("--listen", default="127.0.0.1",
+                    help="address to bind, and the inventory's address (default 127.0.0.1)")
+    sm.add_argument("--base-port", type=int, default=0,
+                    help="agent i listens on BASE_PORT+i (default 0: any free port)")
+    sm.add_argument("--dir", type=pathlib.Path, default=simulate.DEFAULT_DIR,
+                    help="host keys and spools, in DIR/agentNNN/ (default var/simulate)")
+    sm.add_argument("--authorized-keys", type=pathlib.Path,
+                    help="the controller's key(s), for all agents (default DIR/authorized_keys)")
+    sm.add_argument("--name-prefix", default="sim", help="host names PREFIXNNN (default sim)")
+    sm.add_argument("--heartbeat", type=float, default=5.0, help="seconds between heartbeats")
+    sm.add_argument("--lease", type=float, default=core.DEFAULT_LEASE,
+                    help="as for serve")
+    sm.add_argument("--inventory-out", type=pathlib.Path, metavar="FILE",
+                    help="write the simulated hosts here (inventory.yaml's `hosts:`) once "
+                         "all listen")
+    sm.set_defaults(func=_simulate)
     return p
+
+
+def _exit_code(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 255:
+        raise argparse.ArgumentTypeError("an exit code is 0 to 255")
+    return value
 
 
 def _keygen(args: argparse.Namespace) -> int:
@@ -102,6 +155,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _runtime(args: argparse.Namespace) -> runtime.Runtime | None:
     log = logging.getLogger(__name__)
+    if args.runtime == "instant":
+        log.warning("%s", instant.WARNING)
+        return _instant(args)
     client = containers.available() if args.runtime in ("auto", "docker") else None
     if client is not None:
         log.info("runtime 'docker': jobs run in hardened containers (default image %s)",
@@ -116,6 +172,38 @@ def _runtime(args: argparse.Namespace) -> runtime.Runtime | None:
         return None
     log.warning("runtime 'process': jobs run as this user, NOT isolated; for trusted hosts only")
     return process.ProcessRuntime(args.python)
+
+
+def _instant(args: argparse.Namespace) -> instant.InstantRuntime:
+    return instant.InstantRuntime(stdout=args.instant_stdout, stderr=args.instant_stderr,
+                                  exit_code=args.instant_exit_code)
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    authorized = args.authorized_keys or args.dir / "authorized_keys"
+    if not authorized.exists():
+        print(f"gpujobq-agent: {authorized} is missing: run `gpujobq-agent authorize "
+              f"CONTROLLER_KEY.pub --authorized-keys {authorized}` first", file=sys.stderr)
+        return 2
+    if args.count < 1 or args.gpus < 0:
+        print("gpujobq-agent: --count must be 1 or more, --gpus 0 or more", file=sys.stderr)
+        return 2
+    last = simulate.name(args.name_prefix, args.count - 1)
+    if not re.match(jobconfig.ID_PATTERN, last):
+        print(f"gpujobq-agent: {last!r} cannot name a host: letters, digits, '.', '_', '-'",
+              file=sys.stderr)
+        return 2
+    if args.base_port and not 0 < args.base_port + args.count - 1 <= 65535:
+        print("gpujobq-agent: --base-port + --count runs past port 65535", file=sys.stderr)
+        return 2
+    logging.getLogger(__name__).warning("%s", instant.WARNING)
+    options = simulate.Options(
+        count=args.count, gpus=args.gpus, listen=args.listen, base_port=args.base_port,
+        dir=args.dir, authorized_keys=authorized, name_prefix=args.name_prefix,
+        heartbeat=args.heartbeat, lease=args.lease, inventory_out=args.inventory_out,
+    )
+    asyncio.run(simulate.run(options, _instant(args)))
+    return 0
 
 
 async def _run(args: argparse.Namespace, chosen: runtime.Runtime) -> None:
