@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: up test lint venv clean
+.PHONY: up test bench lint venv clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "gpujobq needs Python >= 3.11 (set PYTHON=python3.X)")'
@@ -20,6 +20,11 @@ up: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The benchmark harness (docs/benchmarks.md): under 10 minutes on 2 cores, never in CI.
+# make bench ARGS=--long (B8 with 100k jobs), ARGS='--only B3,B8 --no-doc'.
+bench: $(STAMP)
+	$(BIN)/python -m tests.bench $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
