@@ -45,7 +45,7 @@ def test_two_gpu_job_spec_is_exactly_this() -> None:
             "NVIDIA_DRIVER_CAPABILITIES": "compute,utility",
             "CUDA_VISIBLE_DEVICES": "0,1",
         },
-        "network_mode": "none",
+        "network_disabled": True,
         "read_only": True,
         "tmpfs": {"/tmp": "rw,nosuid,nodev,size=1048576"},
         "mounts": [
@@ -96,7 +96,8 @@ def test_virtual_gpus_get_no_device() -> None:
 
 def test_network_only_where_the_competition_allows_it() -> None:
     assert build(job(network=True))["network_mode"] == "bridge"
-    assert build(job())["network_mode"] == "none"
+    assert build(job())["network_disabled"] is True  # its own namespace, loopback only
+    assert "network_mode" not in build(job())
 
 
 def test_never_privileged_never_the_docker_socket_never_host_namespaces() -> None:

@@ -102,7 +102,9 @@ def spec(
         "working_dir": "/job",
         "user": limits.user or "65534:65534",
         "environment": environment,
-        "network_mode": "bridge" if job.network else "none",
+        # No network: a namespace of its own with loopback only. NetworkDisabled gives
+        # exactly that without libnetwork's "none" sandbox (~100 ms more per start here).
+        **({"network_mode": "bridge"} if job.network else {"network_disabled": True}),
         "read_only": True,
         "tmpfs": {"/tmp": f"rw,nosuid,nodev,size={limits.tmp_size}"},
         "mounts": [

@@ -124,6 +124,7 @@ class Dispatcher:
         self._after_commit: list[Callable[[], None]] | None = None
         self._to_record: list[store.Job] = []
         self._recording: set[asyncio.Task[None]] = set()  # records being written
+        self._bursts: list[tuple[agents.Link, list[messages.Up]]] = []  # reports to store
         self.apply_inventory(inventory)
 
     @property
@@ -627,10 +628,25 @@ class Dispatcher:
         self.wake()
 
     def on_messages(self, link: agents.Link, msgs: list[messages.Up]) -> None:
-        """A burst of reports from one agent, stored in one transaction."""
-        with self._batch():
-            for msg in msgs:
-                self.on_message(link, msg)
+        """A burst of reports from one agent. The bursts of every agent that arrive in
+        the same turn of the event loop are stored together, in one transaction."""
+        if not self._bursts:
+            asyncio.get_running_loop().call_soon(self._apply_bursts)
+        self._bursts.append((link, msgs))
+
+    def _apply_bursts(self) -> None:
+        bursts, self._bursts = self._bursts, []
+        try:
+            with self._batch():
+                for link, msgs in bursts:
+                    for msg in msgs:
+                        self.on_message(link, msg)
+        except Exception as exc:
+            # Nothing of them is stored (a full disk fails the COMMIT): reconnecting makes
+            # each agent send its unacknowledged results again.
+            log.exception("could not store %d agent reports", sum(len(m) for _, m in bursts))
+            for link in {id(link): link for link, _ in bursts}.values():
+                link.drop(f"its reports could not be stored: {exc}")
 
     def on_message(self, link: agents.Link, msg: messages.Up) -> None:
         node = self.node_of(link)
@@ -638,7 +654,8 @@ class Dispatcher:
             return  # a link the inventory replaced: its reports are stale
         node.last_heard = self.mono()
         if self._after_commit is None:
-            self.on_messages(link, [msg])
+            with self._batch():
+                self.on_message(link, msg)
             return
         try:
             match msg:
