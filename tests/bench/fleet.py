@@ -51,9 +51,14 @@ class Drain:
     """n jobs submitted over HTTP by many users, until every one has ended."""
 
     def __init__(self, ctl: system.Controller, users: list[tuple[str, str]], n: int,
-                 concurrency: int = 16) -> None:
+                 concurrency: int = 16, sim: system.Simulated | None = None) -> None:
         self.ctl = ctl
         reqs = [load.submit(name, token, CODE) for name, token in users]
+        pids = {"controller": ctl.proc.pid}  # type: ignore[union-attr]
+        if sim is not None:
+            pids["agents"] = sim.proc.pid  # type: ignore[union-attr]
+        cpu0 = {k: system.cpu_seconds(p) for k, p in pids.items()}
+        cpu0["load generator"] = time.process_time()
         t0 = time.time()
         run = asyncio.run(load.hammer("127.0.0.1", ctl.port, iter(reqs * (n // len(reqs) + 1)),
                                       concurrency=concurrency, total=n))
@@ -77,6 +82,10 @@ class Drain:
                 [_json(self.ids)]).fetchall()
         finally:
             db.close()
+        # CPU seconds per job of each process: what bounds the rate on this machine.
+        cpu1 = {k: system.cpu_seconds(p) for k, p in pids.items()}
+        cpu1["load generator"] = time.process_time()
+        self.cpu = {k: (cpu1[k] - cpu0[k]) / max(1, n) for k in cpu0}
         self.completed = sum(1 for r in rows if r[0] == "completed" and r[4])
         self.lost = len(self.ids) - self.completed
         self.retried = sum(1 for r in rows if r[1] > 1)
@@ -107,11 +116,22 @@ def _duplicates(ctl: system.Controller) -> int:
     return sum(n - 1 for n in seen.values() if n > 1)
 
 
+def _bound(runs: list[Drain]) -> str:
+    """What the CPU each process spent per job says about the rate this machine allows."""
+    cpu = {k: median([r.cpu[k] for r in runs]) for k in runs[0].cpu}
+    total = sum(cpu.values())
+    cores = os.cpu_count() or 1
+    parts = ", ".join(f"{k} {v * 1000:.2f} ms" for k, v in cpu.items())
+    return (f"CPU per job: {parts}; all together {total * 1000:.2f} ms, so {cores} cores "
+            f"allow at most {cores / total:,.0f} jobs/s here; a controller with a core of "
+            f"its own: {1 / cpu['controller']:,.0f} jobs/s")
+
+
 def b3(root: pathlib.Path, trials: int, jobs: int) -> Figure:
-    with _fleet(root) as (ctl, _):
+    with _fleet(root) as (ctl, sim):
         users = ctl.users(USERS)
         Drain(ctl, users, 500)  # warm-up: connections, caches
-        runs = [Drain(ctl, users, jobs) for _ in range(trials)]
+        runs = [Drain(ctl, users, jobs, sim=sim) for _ in range(trials)]
         dup = _duplicates(ctl)
     rates = [r.rate for r in runs]
     lat = [x for r in runs for x in r.latency]
@@ -126,14 +146,14 @@ def b3(root: pathlib.Path, trials: int, jobs: int) -> Figure:
          f"(wait=false), timed from the first submit sent to the last result stored; "
          f"accepted -> result stored: median {ms(median(lat))}, p99 {ms(p99(lat))}; "
          f"submits alone ran at {submit_rate:,.0f}/s; lost {lost}, duplicate records {dup}; "
-         f"limits raised (submit_limit, active_limit 1,000,000)"])
+         f"limits raised (submit_limit, active_limit 1,000,000)", _bound(runs)])
 
 
 def b8(root: pathlib.Path, jobs: int) -> Figure:
     goal = 20.0 if jobs <= 20_000 else 100.0
-    with _fleet(root) as (ctl, _):
+    with _fleet(root) as (ctl, sim):
         users = ctl.users(USERS)
-        run = Drain(ctl, users, jobs)
+        run = Drain(ctl, users, jobs, sim=sim)
         dup = _duplicates(ctl)
     met = run.drain <= goal and run.lost == 0 and dup == 0
     return Figure(
@@ -142,7 +162,8 @@ def b8(root: pathlib.Path, jobs: int) -> Figure:
         f"{run.rate:,.0f} jobs/s", f"<= {goal:.0f} s, 0, 0", met,
         [f"{jobs:,} submits (wait=false) from {USERS:,} users over 16 connections, from the "
          f"first submit to the last result stored; statuses {run.statuses}; "
-         f"{run.retried} jobs needed a second attempt; {run.records:,} record files"])
+         f"{run.retried} jobs needed a second attempt; {run.records:,} record files",
+         _bound([run])])
 
 
 def b9(root: pathlib.Path, trials: int) -> Figure:

@@ -17,7 +17,7 @@ from tests.bench import load, system
 from tests.bench.stats import Figure, median
 from tests.cluster import Agent, env, free_port
 
-SIZE = 16 << 20  # bytes the job prints
+SIZE = 64 << 20  # bytes the job prints
 JOB = f"""import sys, time
 print(repr(time.time()), file=sys.stderr, flush=True)
 line = b"x" * 1023 + b"\\n"
@@ -44,7 +44,7 @@ async def _follow(port: int, user: str, token: str) -> float:
                 await conn.request(load.multipart(f"/api/cancel/{job}?user_id={user}", {},
                                                   token=token))
                 return SIZE / 2**20 / (done - began)
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.02)
         raise TimeoutError("the output never all showed")
     finally:
         conn.close()
@@ -100,7 +100,7 @@ def b10(root: pathlib.Path, trials: int) -> Figure:
         f"{median(ours):.0f} MB/s", f"raw asyncssh channel {median(base):.0f} MB/s",
         f"{ratio:.2f}x", ">= 0.4x", ratio >= 0.4,
         [f"{trials} trials: a process-runtime job prints {SIZE >> 20} MiB; the follower "
-         "polls GET /api/results every 50 ms until all of it shows, timed from the job's "
+         "polls GET /api/results every 20 ms until all of it shows, timed from the job's "
          "first line; baseline: the same bytes written on one exec channel of an asyncssh "
          "server (same ciphers) and read by an asyncssh client; output_cap raised to "
          f"{2 * SIZE >> 20} MiB"])

@@ -257,3 +257,13 @@ def test_yamlsafe_errors_never_quote_the_input(text: str) -> None:
         yamlsafe.load(text)
     assert "SECRET" not in str(info.value)
     assert "line " in str(info.value)
+
+
+def test_dump_flat_reads_back_as_written_by_both_loaders() -> None:
+    tricky = {"a": "comp-1", "b": "123", "c": "yes", "d": "1e3", "e": "0x1F", "f": "null",
+              "g": "1.5", "h": "~", "i": "a.b", "j": "on", "k": "2024-01-01", "l": "x: y",
+              "m": 300.0, "n": 1e-05, "o": 2, "p": True, "q": None, "r": 'say "hi"\n'}
+    out = yamlsafe.dump_flat(tricky)
+    assert yaml.safe_load(out) == tricky  # what a job's own yaml.safe_load sees
+    assert yamlsafe.load(out) == tricky
+    assert "a: comp-1\n" in out and 'b: "123"\n' in out  # plain where plain reads back

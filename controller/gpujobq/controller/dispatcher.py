@@ -38,6 +38,7 @@ TICK = 1.0  # seconds between passes when nothing wakes the loop
 UNHELD_AFTER = 30.0
 LEASE_RENEW = 5.0  # seconds between Lease messages to each agent
 RECORDS_EVERY = 30.0  # seconds between looks for result records still to write
+PLAN_MAX_AGE = 5.0  # seconds a status may show the positions and estimates of a plan
 
 
 LinkFactory = Callable[[inventory_mod.Host, agents.Handler], agents.Link]
@@ -107,6 +108,7 @@ class Dispatcher:
         self.mono = monotonic  # the links' down_since is time.monotonic too
         self.plan = scheduler.Plan([], {})
         self._plan_fresh = False  # False: the queue changed since the plan was made
+        self._plan_at = -math.inf  # monotonic, when it was made
         self.watchers = Watchers()
         self.live: dict[str, LiveOutput] = {}
         # Attempts the controller gave up on (cancelled or requeued while their host was
@@ -257,10 +259,11 @@ class Dispatcher:
             while True:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), TICK)
+                woken = self._wake.is_set()
                 self._wake.clear()
                 began = time.perf_counter()
                 try:
-                    self.run_once()
+                    self.run_once(woken)
                 except Exception:
                     log.exception("dispatcher pass failed; retrying")
                 # A pass reads the queue; under a flood of submits and results, a pass per
@@ -323,8 +326,11 @@ class Dispatcher:
         """Result records a crash (or a full disk) kept from being written: write them."""
         return self._record_all(self.store.unrecorded())
 
-    def run_once(self) -> int:
-        """Requeue jobs of lost hosts, then place what fits; returns jobs dispatched."""
+    def run_once(self, woken: bool = True) -> int:
+        """Requeue jobs of lost hosts, then place what fits; returns jobs dispatched.
+
+        ``woken``: something happened (a submit, a report, a host); False for the
+        once-a-TICK pass."""
         now = self.mono()
         if now - self._records_checked >= RECORDS_EVERY:
             self._records_checked = now
@@ -337,11 +343,13 @@ class Dispatcher:
         self._retire(running)
         if not self._room(running):
             # Nothing can start: no need to read and order the whole queue. Positions and
-            # estimates are worked out again when a status asks for them.
-            self._plan_fresh = False
+            # estimates are worked out again when a status asks for them: after a change,
+            # or once the plan is PLAN_MAX_AGE old (estimates move with time).
+            if woken:
+                self._plan_fresh = False
             return 0
         self.plan = self._plan(running)
-        self._plan_fresh = True
+        self._plan_fresh, self._plan_at = True, now
         with self._batch():
             for assignment in self.plan.assignments:
                 self._dispatch(assignment)
@@ -405,11 +413,12 @@ class Dispatcher:
         """Where a pending job stands: position, pending reason, estimated start."""
         if job.status is not Status.PENDING:
             return None
-        if not self._plan_fresh or job.id not in self.plan.waiting:
+        stale = not self._plan_fresh or self.mono() - self._plan_at > PLAN_MAX_AGE
+        if stale or job.id not in self.plan.waiting:
             # Submitted since the last pass: plan again (placing nothing here).
             fresh = self._plan(self.store.by_status(Status.RUNNING))
             self.plan = scheduler.Plan(self.plan.assignments, fresh.waiting)
-            self._plan_fresh = True
+            self._plan_fresh, self._plan_at = True, self.mono()
             if any(a.job_id == job.id for a in fresh.assignments):
                 self.wake()  # the next pass starts it
                 return scheduler.Waiting(0, "starting", self.clock())

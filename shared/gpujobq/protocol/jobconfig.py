@@ -63,7 +63,7 @@ def for_job(config: JobConfig) -> bytes:
     fields.pop("token", None)
     if fields["gpus"] is None:
         del fields["gpus"]
-    return yamlsafe.dump(fields).encode()
+    return yamlsafe.dump_flat(fields).encode()
 
 
 def _readable(message: str) -> str:
