@@ -126,6 +126,25 @@ def test_a_job_no_host_could_ever_run_is_refused(fleet: Cluster) -> None:
                                  "name=node0"
 
 
+def test_a_refusal_follows_the_fleet(fleet: Cluster, admin: User, restore: None) -> None:
+    """The verdict is kept between submits, and given again once the fleet changes."""
+    user = fleet.user()
+    for _ in range(2):
+        r = fleet.submit(user, "print(1)", gpus=2, competition_id="on-node0", wait=False)
+        assert r.status_code == 400, r.text
+    before = fleet.gpu_counts["node0"]
+    fleet.gpu_counts["node0"] = 2
+    try:
+        fleet.write_inventory(fleet.agents[:3], node0=POOL, node1=POOL)
+    finally:
+        fleet.gpu_counts["node0"] = before
+    r = requests.post(f"{fleet.url}/api/admin/reload", headers=admin.headers, timeout=30)
+    assert r.status_code == 200, r.text
+    r = fleet.submit(user, "print(1)", gpus=2, competition_id="on-node0", wait=False)
+    assert r.status_code == 202, r.text
+    assert finish(fleet, user, r.json()["job_id"])["status"] == "completed"
+
+
 def test_competition_time_cap(fleet: Cluster) -> None:
     user, job_id = submit(fleet, "print(1)", competition="short", expected_time=100)
     assert status(fleet, user, job_id)["time_limit"] == 3

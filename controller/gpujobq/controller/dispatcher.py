@@ -118,6 +118,8 @@ class Dispatcher:
         self.dispatched_at: dict[str, float] = {}  # monotonic, when the RunJob left
         self.started_seen: dict[str, float] = {}  # monotonic, when Started arrived
         self._wake = asyncio.Event()
+        # Bumped whenever hosts, their GPUs or labels may have changed (inventory, hello).
+        self.fleet_version = 0
         self._running = False
         self._records_checked = -math.inf
         self._stopped: set[asyncio.Task[None]] = set()  # link tasks cancelled, not yet done
@@ -177,6 +179,7 @@ class Dispatcher:
                 node.removing = True
                 changes.append(f"host {name} removed: it drains, then goes")
         self.inventory = inv
+        self.fleet_version += 1
         self.wake()
         return changes
 
@@ -210,6 +213,7 @@ class Dispatcher:
                 del self.lingering[key]
             self._stop(node)
             del self.nodes[name]
+            self.fleet_version += 1
             log.info("host %s left the fleet", name)
 
     def node_of(self, link: agents.Link) -> fleet.Node | None:
@@ -595,6 +599,7 @@ class Dispatcher:
             return
         node.hello, node.dirty, node.last_heard = hello, hello.dirty, self.mono()
         node.refresh()
+        self.fleet_version += 1  # its GPUs are known now (or changed)
         node.lease_sent = self.mono()
         self._send(link, messages.Lease(seconds=self.settings.lease))
         for problem in node.problems:

@@ -37,6 +37,8 @@ class JobService:
         self.clock = clock
         self.stopping = False  # set on SIGTERM: no new jobs, waiters answer at once
         self.commits = database.GroupCommit(store.db)
+        # _runnable's verdicts: (GPUs, labels) -> (dispatcher.fleet_version, why never)
+        self._never: dict[tuple[int, tuple[tuple[str, str], ...]], tuple[int, str | None]] = {}
         self.limits = ratelimit.Limits(
             submits=settings.submit_limit, window=settings.submit_window,
             active=settings.active_limit,
@@ -97,18 +99,25 @@ class JobService:
         return job
 
     def _runnable(self, job: scheduler.Queued) -> None:
-        """Refuse a job that no host of the fleet could ever run (drained or down count)."""
+        """Refuse a job that no host of the fleet could ever run (drained or down count).
+        The verdict for a (GPUs, labels) is kept until the fleet changes."""
+        key = (job.gpus, tuple(sorted(job.labels.items())))
+        kept = self._never.get(key)
+        if kept is None or kept[0] != self.dispatcher.fleet_version:
+            kept = self._never[key] = (self.dispatcher.fleet_version, self._why_never(job))
+        if kept[1] is not None:
+            raise errors.BadRequest(f"No host can ever run this job: {kept[1]}")
+
+    def _why_never(self, job: scheduler.Queued) -> str | None:
         views = []
         for node in self.dispatcher.nodes.values():
             if node.removing:
                 continue
             gpus = node.known_gpus()
             if gpus is None:
-                return  # a host whose GPUs are not known yet might run it
+                return None  # a host whose GPUs are not known yet might run it
             views.append(scheduler.HostView(name=node.name, gpus=gpus, labels=node.host.labels))
-        why = scheduler.why_never(job, views)
-        if why is not None:
-            raise errors.BadRequest(f"No host can ever run this job: {why}")
+        return scheduler.why_never(job, views)
 
     def job_of(self, job_id: str, user_id: str) -> store.Job:
         job = self.store.get(job_id)

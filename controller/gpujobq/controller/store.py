@@ -361,14 +361,16 @@ class Store:
             args.append(attempt)
         now = self.clock()
         with database.write(self.db):
-            before = self.db.execute(
-                "SELECT status, attempt FROM jobs WHERE id = ?", [job_id]
-            ).fetchone()
+            # Where it comes from, for the event: the one allowed state, or as it is now.
+            before = (states[0],) if len(states) == 1 else self.db.execute(
+                "SELECT status FROM jobs WHERE id = ?", [job_id]).fetchone()
             row = self.db.execute(sql + " RETURNING attempt", args).fetchone()
             if row is None:
-                found = f"{before[0]} attempt {before[1]}" if before else "no such job"
+                found = self.db.execute(
+                    "SELECT status, attempt FROM jobs WHERE id = ?", [job_id]).fetchone()
                 raise errors.TransitionError(
-                    f"job {job_id}: cannot go to {to} from {found}"
+                    f"job {job_id}: cannot go to {to} from "
+                    + (f"{found[0]} attempt {found[1]}" if found else "no such job")
                     + (f" (report for attempt {attempt})" if attempt is not None else "")
                 )
             self._event(job_id, row[0], before[0], to, now, reason, detail)
