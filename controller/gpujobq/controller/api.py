@@ -7,7 +7,7 @@ import logging
 from typing import Annotated, Any
 
 import msgspec
-from gpujobq.controller import database, errors, results, service, store
+from gpujobq.controller import database, errors, logs, results, service, store
 from gpujobq.protocol import jobconfig
 from gpujobq.protocol.states import TERMINAL
 from litestar import Request, Response, get, post
@@ -29,6 +29,7 @@ from litestar.openapi.spec import (
 )
 from litestar.openapi.spec import Parameter as OpenAPIParameter
 from litestar.params import Parameter
+from litestar.response import Stream
 
 log = logging.getLogger(__name__)
 
@@ -366,6 +367,21 @@ async def cancel(
     return CancelReply(job_id=job.id, status=job.status.value, reason=job.reason)
 
 
+@get("/api/logs/{job_id:path}", operation_class=ApiOperation, security=SECURITY,
+     responses=error_responses(400, 403, 404, *AUTHED), media_type="text/event-stream")
+async def job_logs(
+    request: Request[Any, Any, Any], job_id: str, user_id: str | None = None,
+    follow: bool = False,
+) -> Stream:
+    """The job's output as server-sent events: `output` {stream, offset, text} for what it
+    has printed, `restart` {attempt} when it runs again, `end` {status, exit_code, reason}
+    when it has ended. With follow=true the stream stays open until the job ends."""
+    svc = service_of(request)
+    job = svc.job_of(path_id(job_id), user_of(request, user_id))
+    return Stream(logs.follow(svc, job, follow), media_type="text/event-stream",
+                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
 @get("/api/health")
 async def health(request: Request[Any, Any, Any]) -> HealthReply:
     """No token needed: the controller is up, and which agents it reaches."""
@@ -383,7 +399,7 @@ async def health(request: Request[Any, Any, Any]) -> HealthReply:
     )
 
 
-ROUTES = [submit, status, result, jobs, cancel, health]
+ROUTES = [submit, status, result, jobs, cancel, job_logs, health]
 
 
 def error_response(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:

@@ -72,18 +72,30 @@ class Watchers:
         for job_id in list(self._events):
             self.notify(job_id)
 
-    async def wait(self, job_id: str, timeout: float) -> None:
+    async def wait(self, job_id: str, timeout: float) -> bool:
+        """Sleep until the job is notified (True) or ``timeout`` passes (False)."""
+        return await self.wait_armed(job_id, self.arm(job_id), timeout)
+
+    def arm(self, job_id: str) -> asyncio.Event:
+        """Register now, wait later (wait_armed): a notice in between is not lost."""
         event = asyncio.Event()
         self._events.setdefault(job_id, []).append(event)
+        return event
+
+    async def wait_armed(self, job_id: str, event: asyncio.Event, timeout: float) -> bool:
         try:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(event.wait(), timeout)
+            return event.is_set()
         finally:
-            waiting = self._events.get(job_id)
-            if waiting and event in waiting:
-                waiting.remove(event)
-                if not waiting:
-                    del self._events[job_id]
+            self.disarm(job_id, event)
+
+    def disarm(self, job_id: str, event: asyncio.Event) -> None:
+        waiting = self._events.get(job_id)
+        if waiting and event in waiting:
+            waiting.remove(event)
+            if not waiting:
+                del self._events[job_id]
 
 
 class Dispatcher:
@@ -109,7 +121,8 @@ class Dispatcher:
         self.plan = scheduler.Plan([], {})
         self._plan_fresh = False  # False: the queue changed since the plan was made
         self._plan_at = -math.inf  # monotonic, when it was made
-        self.watchers = Watchers()
+        self.watchers = Watchers()  # woken when a job ends (submit-and-wait)
+        self.changes = Watchers()  # woken when a job starts, prints, runs again or ends (logs)
         self.live: dict[str, LiveOutput] = {}
         # Attempts the controller gave up on (cancelled or requeued while their host was
         # away) that may still run there: their GPUs stay taken until the agent reports
@@ -288,6 +301,7 @@ class Dispatcher:
             self._record_all(jobs)
             for job in jobs:
                 self.watchers.notify(job.id)
+                self.changes.notify(job.id)
             return
         task = asyncio.create_task(self._record_in_thread(jobs))
         self._recording.add(task)
@@ -303,6 +317,7 @@ class Dispatcher:
         finally:
             for job in jobs:
                 self.watchers.notify(job.id)
+                self.changes.notify(job.id)
 
     def _write_records(self, jobs: list[store.Job]) -> list[str]:
         """Write these jobs' result record files; stops at the first that fails (tried
@@ -516,6 +531,8 @@ class Dispatcher:
             return
         log.warning("job %s: %s; now %s", job.id, why, job.status)
         self.live.pop(job.id, None)
+        job_id = job.id
+        self._later(lambda: self.changes.notify(job_id))
         if job.status is not Status.PENDING:
             self._finished(job)
 
@@ -677,10 +694,12 @@ class Dispatcher:
                     self.store.mark_started(msg.job_id, msg.attempt, msg.at)
                     self.started_seen[msg.job_id] = self.mono()
                     self.live[msg.job_id] = LiveOutput(msg.attempt)
+                    self._later(lambda: self.changes.notify(msg.job_id))
                 case messages.Output():
                     live = self.live.get(msg.job_id)
                     if live is not None and live.attempt == msg.attempt:
                         live.add(msg)
+                        self.changes.notify(msg.job_id)
                 case messages.Exited():
                     self._exited(link, msg)
                 case messages.Heartbeat():

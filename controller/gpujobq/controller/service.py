@@ -54,6 +54,7 @@ class JobService:
         """Graceful stop begins: refuse new submissions, let every waiter answer now."""
         self.stopping = True
         self.dispatcher.watchers.notify_all()
+        self.dispatcher.changes.notify_all()  # log followers end their streams
 
     async def submit(
         self, config: jobconfig.JobConfig, code: bytes, idempotency_key: str | None

@@ -81,7 +81,8 @@ class Frames:
             end = start + _LEN.size + size
             if len(self._buf) < end:
                 break
-            bodies.append(bytes(self._buf[start + _LEN.size:end]))
+            with memoryview(self._buf) as view:  # one copy, not two
+                bodies.append(bytes(view[start + _LEN.size:end]))
             start = end
         del self._buf[:start]
         return bodies
