@@ -28,6 +28,7 @@ Sender = Callable[[messages.Up], None]
 
 
 LIVE_FLUSH = 0.2  # seconds live output may wait to be batched into one message
+OUTPUT_PIECE = 1 << 20  # bytes of output per message at most
 # After a job on real GPUs ends, how long its GPUs may take to let go of its processes
 # before they are reported dirty and held back.
 SETTLE = 3.0
@@ -71,27 +72,36 @@ class _Reporter:
 
     def output(self, stream: str, data: bytes) -> None:
         self.pending[stream] += data
-        if self.timer is None:
+        if len(self.pending[stream]) >= OUTPUT_PIECE:  # a full piece goes at once
+            if self.timer is not None:
+                self.timer.cancel()
+            self.flush()
+        elif self.timer is None:
             self.timer = asyncio.get_running_loop().call_later(LIVE_FLUSH, self.flush)
 
     def flush(self) -> None:
         self.timer = None
         for stream, data in self.pending.items():
             if data:
-                self.agent._report(messages.Output(
-                    job_id=self.run.job_id, attempt=self.run.attempt, stream=stream,
-                    offset=len(self.history[stream]), data=bytes(data)))
+                self._send(stream, len(self.history[stream]), data)
                 self.history[stream] += data
                 data.clear()
+
+    def _send(self, stream: str, offset: int, data: bytes | bytearray) -> None:
+        # In pieces: the controller hands each on as soon as it has it, instead of
+        # waiting for one frame as large as everything printed in LIVE_FLUSH.
+        with memoryview(data) as view:
+            for start in range(0, len(data), OUTPUT_PIECE):
+                self.agent._report(messages.Output(
+                    job_id=self.run.job_id, attempt=self.run.attempt, stream=stream,
+                    offset=offset + start, data=bytes(view[start:start + OUTPUT_PIECE])))
 
     def resend(self, offsets: dict[str, int]) -> None:
         """Output again from the offsets the controller has, then what is pending."""
         for stream, start in offsets.items():
             sent = self.history[stream]
             if 0 <= start < len(sent):
-                self.agent._report(messages.Output(
-                    job_id=self.run.job_id, attempt=self.run.attempt, stream=stream,
-                    offset=start, data=bytes(sent[start:])))
+                self._send(stream, start, sent[start:])
         self.flush()
 
     def close(self) -> None:

@@ -17,9 +17,13 @@ _down = msgspec.msgpack.Decoder(messages.Down)
 _up = msgspec.msgpack.Decoder(messages.Up)
 
 
-def frame(msg: Any) -> bytes:
-    body = _encoder.encode(msg)
-    return _LEN.pack(len(body)) + body
+def frame(msg: Any) -> bytearray:
+    """The message, length-prefixed: encoded in place after the header (no copy of a
+    large body to prepend it)."""
+    buf = bytearray(_LEN.size)
+    _encoder.encode_into(msg, buf, _LEN.size)
+    _LEN.pack_into(buf, 0, len(buf) - _LEN.size)
+    return buf
 
 
 def encode(msg: Any) -> bytes:
