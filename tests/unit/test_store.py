@@ -3,6 +3,7 @@ from __future__ import annotations
 import pathlib
 from collections.abc import Iterator
 
+import msgspec
 import pytest
 from gpujobq.controller import database, errors, ratelimit, store
 from gpujobq.protocol.states import Reason, Status
@@ -168,6 +169,15 @@ def test_finish(jobs: store.Store, clock: Clock) -> None:
     assert (job.exit_code, job.stdout, job.stderr) == (0, b"out", b"err")
     assert job.completed_at == clock.now and job.reason == "exit_code"
     assert transitions(jobs, "j1")[-1] == ("running", "completed", "exit_code")
+
+
+def test_a_job_without_its_output(jobs: store.Store) -> None:
+    running(jobs)
+    finish(jobs, "j1", 1)
+    whole, meta = jobs.get("j1"), jobs.get("j1", output=False)
+    assert (whole.stdout, whole.stderr) == (b"out", b"err")  # type: ignore[union-attr]
+    assert (meta.stdout, meta.stderr) == (b"", b"")  # type: ignore[union-attr]
+    assert msgspec.structs.replace(whole, stdout=b"", stderr=b"") == meta  # the rest alike
 
 
 def test_finish_with_stale_attempt_changes_nothing(jobs: store.Store) -> None:

@@ -299,7 +299,7 @@ async def status(
     request: Request[Any, Any, Any], job_id: str, user_id: str | None = None
 ) -> StatusReply:
     svc = service_of(request)
-    job = svc.job_of(path_id(job_id), user_of(request, user_id))
+    job = svc.job_of(path_id(job_id), user_of(request, user_id), output=False)
     node_ids = request.app.state.node_ids
     waiting = svc.dispatcher.waiting(job)
     return StatusReply(

@@ -72,7 +72,7 @@ async def follow(svc: service_mod.JobService, job: store.Job, wait: bool
     while True:
         bell = d.changes.arm(job.id)  # before looking: a change meanwhile still wakes us
         try:
-            fresh = svc.store.get(job.id)
+            fresh = svc.store.get(job.id, output=False)
             if fresh is None:  # pruned meanwhile
                 return
             job = fresh
@@ -80,6 +80,7 @@ async def follow(svc: service_mod.JobService, job: store.Job, wait: bool
                 sent, attempt = _Sent(), job.attempt
                 yield _event("restart", {"attempt": attempt})
             if job.status in TERMINAL:
+                job = svc.store.get(job.id) or job  # now with its stored output
                 for stream in STREAMS:
                     for event in _ending(sent, stream, job):
                         yield event

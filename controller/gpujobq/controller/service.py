@@ -120,8 +120,8 @@ class JobService:
             views.append(scheduler.HostView(name=node.name, gpus=gpus, labels=node.host.labels))
         return scheduler.why_never(job, views)
 
-    def job_of(self, job_id: str, user_id: str) -> store.Job:
-        job = self.store.get(job_id)
+    def job_of(self, job_id: str, user_id: str, *, output: bool = True) -> store.Job:
+        job = self.store.get(job_id, output=output)
         if job is None or job.user_id != user_id:
             raise errors.NotFound(NOT_FOUND)
         return job

@@ -24,6 +24,9 @@ _COLUMNS = (
 )
 
 
+_NO_OUTPUT = _COLUMNS.replace("stdout, stderr", "NULL, NULL")
+
+
 class Job(msgspec.Struct, frozen=True):
     id: str
     user_id: str
@@ -98,8 +101,11 @@ class Store:
 
     # ---- reads -----------------------------------------------------------------------
 
-    def get(self, job_id: str) -> Job | None:
-        row = self.db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", [job_id]).fetchone()
+    def get(self, job_id: str, *, output: bool = True) -> Job | None:
+        """The job; without ``output`` its stdout and stderr read as b"" (a status needs
+        neither, and a finished job's may be megabytes)."""
+        columns = _COLUMNS if output else _NO_OUTPUT
+        row = self.db.execute(f"SELECT {columns} FROM jobs WHERE id = ?", [job_id]).fetchone()
         return _job(row) if row else None
 
     def payload(self, job_id: str) -> tuple[bytes, bytes]:
