@@ -223,18 +223,16 @@ class Store:
             raise errors.RateLimited(
                 refusal.detail, headers={"Retry-After": str(refusal.retry_after)}
             )
-        self.db.execute(
+        row = self.db.execute(
             "INSERT INTO jobs (id, user_id, competition_id, project_id, expected_time,"
             " time_limit, status, code, config, gpu_count, idempotency_key, created_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?)",
+            f" VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?) RETURNING {_COLUMNS}",
             [new.id, new.user_id, new.competition_id, new.project_id, new.expected_time,
              new.time_limit, new.code, new.config, new.gpu_count, new.idempotency_key,
              now],
-        )
+        ).fetchone()
         self._event(new.id, 0, None, Status.PENDING, now, "submitted", None)
-        job = self.get(new.id)
-        assert job is not None
-        return job, True
+        return _job(row), True
 
     # ---- transitions -------------------------------------------------------------------
 
@@ -370,7 +368,7 @@ class Store:
             # Where it comes from, for the event: the one allowed state, or as it is now.
             before = (states[0],) if len(states) == 1 else self.db.execute(
                 "SELECT status FROM jobs WHERE id = ?", [job_id]).fetchone()
-            row = self.db.execute(sql + " RETURNING attempt", args).fetchone()
+            row = self.db.execute(f"{sql} RETURNING {_COLUMNS}", args).fetchone()
             if row is None:
                 found = self.db.execute(
                     "SELECT status, attempt FROM jobs WHERE id = ?", [job_id]).fetchone()
@@ -379,11 +377,10 @@ class Store:
                     + (f"{found[0]} attempt {found[1]}" if found else "no such job")
                     + (f" (report for attempt {attempt})" if attempt is not None else "")
                 )
-            self._event(job_id, row[0], before[0], to, now, reason, detail)
+            job = _job(row)  # as the UPDATE left it
+            self._event(job_id, job.attempt, before[0], to, now, reason, detail)
             if also is not None and also[1]:
                 self.db.conn.executemany(*also)
-        job = self.get(job_id)
-        assert job is not None
         return job
 
     def _event(
