@@ -113,6 +113,24 @@ def test_submit_active_limit(jobs: store.Store, clock: Clock) -> None:
     assert jobs.submit(new("j2"), limits)[1]
 
 
+def test_limits_lowered_below_what_a_user_has_still_give_the_exact_wait(
+        jobs: store.Store, clock: Clock) -> None:
+    """Only the jobs that end first and the latest submissions are read; the verdict and
+    Retry-After are the same as from all of them."""
+    for i in range(6):  # six active jobs; the last one started, and ends soonest
+        jobs.submit(new(f"j{i}"), LIMITS)
+        clock.now += 1
+    jobs.dispatch("j5", "n", [0])
+    jobs.mark_started("j5", 1, at=clock.now - 50)  # ends at now + 10
+    with pytest.raises(errors.RateLimited) as info:
+        jobs.submit(new("x"), ratelimit.Limits(submits=100, window=60.0, active=2))
+    assert info.value.headers == {"Retry-After": "10"}
+    # Six submissions within the window, three allowed: the fourth latest must leave.
+    with pytest.raises(errors.RateLimited) as info:
+        jobs.submit(new("y"), ratelimit.Limits(submits=3, window=60.0, active=100))
+    assert info.value.headers == {"Retry-After": "57"}  # j3, made 3 s before now
+
+
 def test_idempotency_key_returns_same_job(jobs: store.Store) -> None:
     first, created = jobs.submit(new("j1", key="k"), LIMITS)
     again, created_again = jobs.submit(new("j2", key="k"), LIMITS)

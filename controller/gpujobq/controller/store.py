@@ -203,19 +203,24 @@ class Store:
                 job = self.get(row[0])
                 assert job is not None
                 return job, False
+        # Only what the verdict needs: the `active` jobs that end first (the earliest
+        # gives Retry-After) and the `submits` latest submissions in the window (the
+        # oldest of them leaves it first); a user with many jobs costs no more.
         active = [
             ratelimit.ActiveJob(*r)
             for r in self.db.execute(
                 "SELECT expected_time, started_at FROM jobs"
-                " WHERE user_id = ? AND status IN ('pending', 'running')",
-                [new.user_id],
+                " WHERE user_id = ? AND status IN ('pending', 'running')"
+                " ORDER BY COALESCE(started_at, ?) + expected_time LIMIT ?",
+                [new.user_id, now, limits.active],
             )
         ]
         recent = [
             r[0]
             for r in self.db.execute(
-                "SELECT created_at FROM jobs WHERE user_id = ? AND created_at > ?",
-                [new.user_id, now - limits.window],
+                "SELECT created_at FROM jobs WHERE user_id = ? AND created_at > ?"
+                " ORDER BY created_at DESC LIMIT ?",
+                [new.user_id, now - limits.window, limits.submits],
             )
         ]
         refusal = ratelimit.check(limits, active, recent, now)
