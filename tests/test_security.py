@@ -181,6 +181,7 @@ def _job_routes(cluster: Cluster) -> list[tuple[str, str]]:
 
 def test_the_walk_covers_every_route_with_a_job_id(cluster: Cluster) -> None:
     assert _job_routes(cluster) == [
+        ("GET", "/api/logs/{job_id}"),
         ("GET", "/api/results/{job_id}"), ("GET", "/api/status/{job_id}"),
         ("POST", "/api/admin/cancel/{job_id}"), ("POST", "/api/admin/requeue/{job_id}"),
         ("POST", "/api/cancel/{job_id}"),
