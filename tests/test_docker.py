@@ -109,12 +109,14 @@ def test_no_network(dc: Cluster, user: User) -> None:
     code = (
         "import os, socket\n"
         "print(sorted(os.listdir('/sys/class/net')))\n"
+        "print(socket.getaddrinfo('localhost', 80)[0][4][0] in ('127.0.0.1', '::1'),\n"
+        "      socket.gethostbyname(socket.gethostname()))  # torchrun --standalone needs\n"
         "s = socket.socket()\n"
         "s.settimeout(2)\n"
         f"s.connect(('127.0.0.1', {dc.port}))  # the controller's port on the host\n"
     )
     body = dc.submit(user, code).json()
-    assert body["stdout"] == "['lo']\n"
+    assert body["stdout"] == "['lo']\nTrue 127.0.1.1\n"
     assert body["status"] == "failed"
     assert "ConnectionRefusedError" in body["stderr"]
     check_healthy_after(dc)

@@ -46,12 +46,15 @@ def test_two_gpu_job_spec_is_exactly_this() -> None:
             "CUDA_VISIBLE_DEVICES": "0,1",
         },
         "network_disabled": True,
+        "hostname": "job",
         "read_only": True,
         "tmpfs": {"/tmp": "rw,nosuid,nodev,size=1048576"},
         "mounts": [
             Mount(target="/job", source="/spool/j1-a3/job", type="bind", read_only=True),
             Mount(target="/output", source="/spool/j1-a3/output", type="bind",
                   read_only=False),
+            Mount(target="/etc/hosts", source="/spool/j1-a3/hosts", type="bind",
+                  read_only=True),
         ],
         "cap_drop": ["ALL"],
         "security_opt": ["no-new-privileges:true"],
@@ -114,6 +117,6 @@ def test_competition_data_is_bound_read_only_after_the_job_folders() -> None:
     run = messages.RunJob(job_id="j1", attempt=3, code=b"", config=b"", time_limit=10,
                           mounts=(messages.Mount(source="/srv/cifar", target="/data"),))
     mounts = build(run)["mounts"]
-    assert mounts[2:] == [Mount(target="/data", source="/srv/cifar", type="bind",
+    assert mounts[3:] == [Mount(target="/data", source="/srv/cifar", type="bind",
                                 read_only=True)]
-    assert [m["Target"] for m in mounts[:2]] == ["/job", "/output"]
+    assert [m["Target"] for m in mounts[:3]] == ["/job", "/output", "/etc/hosts"]

@@ -523,3 +523,24 @@ def test_admin_requeue_refusals(w: World) -> None:
     w.link.connected = True
     w.d.on_message(w.link, messages.Heartbeat(at=w.now, jobs=()))  # type: ignore[arg-type]
     assert w.d.requeue_by_admin(w.store.get("j2"), "root").status is Status.PENDING
+
+
+def test_a_burst_that_cannot_be_stored_spoils_no_other_agents_burst(w: World) -> None:
+    w.d.apply_inventory(inv(host("a", 2), host("b", 1)))
+    link_b = w.d.nodes["b"].link
+    w.submit("j1", user="u1")
+    w.submit("j2", user="u2")
+    w.submit("j3", user="u3")
+    w.d.run_once()
+    on = {r.job_id: "a" for r in w.runs()} | {r.job_id: "b" for r in w.runs(link_b)}
+    on_a = [j for j, h in on.items() if h == "a"]
+    on_b = [j for j, h in on.items() if h == "b"]
+    bad = msgspec.structs.replace(w.exited(on_a[0], 1), exit_code=2**63)  # cannot be bound
+    w.d._bursts = [(w.link, [w.exited(on_a[1], 1), bad]), (link_b, [w.exited(on_b[0], 1)])]
+    w.d._apply_bursts()
+    assert w.store.get(on_b[0]).status is Status.COMPLETED  # stored, acked, link kept
+    assert messages.Ack(job_id=on_b[0], attempt=1) in link_b.sent and not link_b.dropped
+    # a's whole burst is undone (its good report too) and a reconnects to send it again.
+    assert {w.store.get(j).status for j in on_a} == {Status.RUNNING}
+    assert not any(isinstance(m, messages.Ack) for m in w.link.sent)
+    assert len(w.link.dropped) == 1

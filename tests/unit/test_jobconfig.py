@@ -267,3 +267,13 @@ def test_dump_flat_reads_back_as_written_by_both_loaders() -> None:
     assert yaml.safe_load(out) == tricky  # what a job's own yaml.safe_load sees
     assert yamlsafe.load(out) == tricky
     assert "a: comp-1\n" in out and 'b: "123"\n' in out  # plain where plain reads back
+
+
+@pytest.mark.parametrize("text", [
+    "- " * 100 + "x",
+    "".join("  " * i + "a:\n" for i in range(100)) + "  " * 100 + "b",
+    "[" * 100 + "]" * 100,
+], ids=["block-seq", "block-map", "flow"])
+def test_yamlsafe_refuses_deep_nesting_of_every_kind(text: str) -> None:
+    with pytest.raises(yamlsafe.YAMLError, match="nested too deeply"):
+        yamlsafe.load(text)

@@ -65,6 +65,19 @@ def container_name(job_id: str, attempt: int) -> str:
     return f"gpujobq-{job_id}-a{attempt}"
 
 
+HOSTNAME = "job"  # the host name a job without network sees
+HOSTS_FILE = "hosts"  # beside the job folder: /etc/hosts of a job without network
+HOSTS = f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{HOSTNAME}\n"
+
+
+def write_hosts(attempt_dir: pathlib.Path) -> None:
+    """The /etc/hosts a job without network sees (read-only in the container)."""
+    path = attempt_dir / HOSTS_FILE
+    if not path.exists():
+        path.write_text(HOSTS)
+        path.chmod(0o644)
+
+
 def spec(
     job: messages.RunJob,
     *,
@@ -103,13 +116,18 @@ def spec(
         "user": limits.user or "65534:65534",
         "environment": environment,
         # No network: a namespace of its own with loopback only. NetworkDisabled gives
-        # exactly that without libnetwork's "none" sandbox (~100 ms more per start here).
-        **({"network_mode": "bridge"} if job.network else {"network_disabled": True}),
+        # exactly that without libnetwork's "none" sandbox (~100 ms more per start here),
+        # but also without /etc/hosts: the job gets ours (localhost, its host name), so
+        # torchrun --standalone and MASTER_ADDR=localhost work.
+        **({"network_mode": "bridge"} if job.network
+           else {"network_disabled": True, "hostname": HOSTNAME}),
         "read_only": True,
         "tmpfs": {"/tmp": f"rw,nosuid,nodev,size={limits.tmp_size}"},
         "mounts": [
             Mount(target="/job", source=str(job_dir), type="bind", read_only=True),
             Mount(target="/output", source=str(output_dir), type="bind", read_only=False),
+            *([] if job.network else [Mount(target="/etc/hosts", type="bind", read_only=True,
+                                            source=str(job_dir.parent / HOSTS_FILE))]),
             # The competition's data, read-only.
             *(Mount(target=m.target, source=m.source, type="bind", read_only=True)
               for m in job.mounts),
@@ -186,6 +204,7 @@ class DockerRuntime:
     ) -> runtime.Outcome:
         image = job.image or self.default_image
         output_dir = workdir.parent / "output"
+        write_hosts(workdir.parent)
         kwargs = spec(job, image=image, job_dir=workdir, output_dir=output_dir,
                       limits=self.limits, gpu_mode=self.gpu_mode, host=self.host)
         try:

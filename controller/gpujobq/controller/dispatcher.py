@@ -141,6 +141,7 @@ class Dispatcher:
         self._after_commit: list[Callable[[], None]] | None = None
         self._to_record: list[store.Job] = []
         self._recording: set[asyncio.Task[None]] = set()  # records being written
+        self._recording_ids: set[str] = set()  # the jobs they write
         self._bursts: list[tuple[agents.Link, list[messages.Up]]] = []  # reports to store
         self.apply_inventory(inventory)
 
@@ -254,7 +255,10 @@ class Dispatcher:
         if to_record:
             self._record_then_notify(to_record)
         for action in later:
-            action()
+            try:  # one failing (a requeue on a full disk) must not keep the rest back
+                action()
+            except Exception:
+                log.exception("an action after a commit failed")
 
     def _later(self, action: Callable[[], None]) -> None:
         if self._after_commit is None:
@@ -291,7 +295,7 @@ class Dispatcher:
             self._running = False
             for node in self.nodes.values():
                 self._stop(node)
-            await asyncio.gather(*self._stopped, return_exceptions=True)
+            await asyncio.gather(*self._stopped, *self._recording, return_exceptions=True)
 
     def _record_then_notify(self, jobs: list[store.Job]) -> None:
         """Ended jobs (stored): write their records, then wake their waiters. While the
@@ -303,6 +307,7 @@ class Dispatcher:
                 self.watchers.notify(job.id)
                 self.changes.notify(job.id)
             return
+        self._recording_ids.update(j.id for j in jobs)  # record_missing leaves them be
         task = asyncio.create_task(self._record_in_thread(jobs))
         self._recording.add(task)
         task.add_done_callback(self._recording.discard)
@@ -315,6 +320,7 @@ class Dispatcher:
         except Exception:  # the records are written later (record_missing)
             log.exception("could not note written result records")
         finally:
+            self._recording_ids.difference_update(j.id for j in jobs)
             for job in jobs:
                 self.watchers.notify(job.id)
                 self.changes.notify(job.id)
@@ -343,7 +349,10 @@ class Dispatcher:
 
     def record_missing(self) -> int:
         """Result records a crash (or a full disk) kept from being written: write them."""
-        return self._record_all(self.store.unrecorded())
+        # Not those a worker thread is writing now: two writers of one record could
+        # both find the name free (or the other's file still empty) and write it twice.
+        return self._record_all([j for j in self.store.unrecorded()
+                                 if j.id not in self._recording_ids])
 
     def run_once(self, woken: bool = True) -> int:
         """Requeue jobs of lost hosts, then place what fits; returns jobs dispatched.
@@ -667,17 +676,29 @@ class Dispatcher:
 
     def _apply_bursts(self) -> None:
         bursts, self._bursts = self._bursts, []
+        failed: dict[int, tuple[agents.Link, Exception]] = {}
         try:
             with self._batch():
                 for link, msgs in bursts:
-                    for msg in msgs:
-                        self.on_message(link, msg)
-        except Exception as exc:
-            # Nothing of them is stored (a full disk fails the COMMIT): reconnecting makes
-            # each agent send its unacknowledged results again.
+                    # Each agent's burst under a savepoint of its own: a report that cannot
+                    # be stored undoes that burst (and what was to follow it), not others'.
+                    assert self._after_commit is not None
+                    marks = len(self._after_commit), len(self._to_record)
+                    try:
+                        with database.write(self.store.db):
+                            for msg in msgs:
+                                self.on_message(link, msg)
+                    except Exception as exc:
+                        log.exception("could not store a burst of %d reports from %s",
+                                      len(msgs), link.name)
+                        del self._after_commit[marks[0]:], self._to_record[marks[1]:]
+                        failed[id(link)] = (link, exc)
+        except Exception as exc:  # the COMMIT failed (a full disk): nothing is stored
             log.exception("could not store %d agent reports", sum(len(m) for _, m in bursts))
-            for link in {id(link): link for link, _ in bursts}.values():
-                link.drop(f"its reports could not be stored: {exc}")
+            failed.update({id(link): (link, exc) for link, _ in bursts})
+        # Reconnecting makes each such agent send its unacknowledged results again.
+        for link, exc in failed.values():
+            link.drop(f"its reports could not be stored: {exc}")
 
     def on_message(self, link: agents.Link, msg: messages.Up) -> None:
         node = self.node_of(link)

@@ -3,8 +3,9 @@
 Events (each ``data`` is one JSON object):
 
     output   {"stream": "stdout"|"stderr", "offset": N, "text": "..."}
-             the stream's bytes from ``offset`` on, as UTF-8 text (a character split
-             between two events is never garbled; invalid bytes read as U+FFFD)
+             the stream's bytes from byte ``offset`` on, as UTF-8 text (a character
+             split between two batches comes whole in the second, whose offset is where
+             it starts; invalid bytes read as U+FFFD)
     restart  {"attempt": N}   the job went back to the queue and runs again: its output
                               starts over from offset 0
     end      {"status": ..., "exit_code": ..., "reason": ...}   the job has ended; the
@@ -48,8 +49,12 @@ class _Sent:
         for start in range(0, len(data), CHUNK):
             piece = data[start:start + CHUNK]
             last = final and start + CHUNK >= len(data)
-            text = self.decoders[stream].decode(piece, final=last)
-            out.append(_event("output", {"stream": stream, "offset": self.offsets[stream],
+            decoder = self.decoders[stream]
+            # The text starts with the bytes of a character the previous piece split.
+            held = len(decoder.getstate()[0])
+            text = decoder.decode(piece, final=last)
+            out.append(_event("output", {"stream": stream,
+                                         "offset": self.offsets[stream] - held,
                                          "text": text}))
             self.offsets[stream] += len(piece)
             self.head[stream] += piece
@@ -77,8 +82,9 @@ async def follow(svc: service_mod.JobService, job: store.Job, wait: bool
                 return
             job = fresh
             if job.attempt != attempt:
+                if attempt > 0:  # it ran before (a first dispatch is no restart)
+                    yield _event("restart", {"attempt": job.attempt})
                 sent, attempt = _Sent(), job.attempt
-                yield _event("restart", {"attempt": attempt})
             if job.status in TERMINAL:
                 job = svc.store.get(job.id) or job  # now with its stored output
                 for stream in STREAMS:

@@ -148,8 +148,10 @@ class Store:
 
     def mark_recorded(self, *job_ids: str) -> None:
         with database.write(self.db):
-            self.db.conn.executemany("UPDATE jobs SET recorded = 1 WHERE id = ?",
-                                     [(i,) for i in job_ids])
+            # Only while it is still ended: an admin's rerun meanwhile needs its own record.
+            self.db.conn.executemany(
+                "UPDATE jobs SET recorded = 1 WHERE id = ?"
+                " AND status IN ('completed', 'failed', 'cancelled')", [(i,) for i in job_ids])
 
     def queue(self) -> list[QueuedRow]:
         """Every pending job, in submission order."""

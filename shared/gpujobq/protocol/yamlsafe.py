@@ -65,9 +65,11 @@ def _check(text: str) -> None:
 
 def _may_hide(text: str) -> bool:
     """Whether the text could hold what _check refuses: anchors (&), aliases (*), tags
-    (!) or deep flow nesting. Most config files hold none, and skip the event pass."""
+    (!) or deep nesting (flow brackets, or block nesting, which needs a line or a "- "
+    per level). Most config files hold none, and skip the event pass."""
     return ("&" in text or "*" in text or "!" in text
-            or text.count("[") + text.count("{") > MAX_DEPTH)
+            or text.count("[") + text.count("{") > MAX_DEPTH
+            or text.count("\n") > MAX_DEPTH or text.count("- ") > MAX_DEPTH)  # block nesting
 
 
 def dump(data: Any) -> str:
