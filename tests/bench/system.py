@@ -18,6 +18,7 @@ from typing import Any
 from gpujobq.controller import accounts, database
 from gpujobq.protocol import sshkeys
 
+from tests.cluster import _stop as stop
 from tests.cluster import env, free_port
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -35,17 +36,6 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes], log: pathlib.Path,
                     return
         time.sleep(0.02)
     raise TimeoutError(f"{url} not ready: {log.read_text()[-3000:]}")
-
-
-def stop(proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(sig)
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def rss(pid: int) -> int:

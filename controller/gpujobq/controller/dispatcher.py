@@ -25,6 +25,7 @@ from gpujobq.controller import (
     scheduler,
     store,
 )
+from gpujobq.controller import live as live_mod
 from gpujobq.controller.settings import Settings
 from gpujobq.protocol import inventory as inventory_mod
 from gpujobq.protocol import messages
@@ -42,60 +43,6 @@ PLAN_MAX_AGE = 5.0  # seconds a status may show the positions and estimates of a
 
 
 LinkFactory = Callable[[inventory_mod.Host, agents.Handler], agents.Link]
-
-
-class LiveOutput:
-    """What a running attempt has printed so far (the head of each stream), in memory."""
-
-    def __init__(self, attempt: int) -> None:
-        self.attempt = attempt
-        self.streams = {"stdout": bytearray(), "stderr": bytearray()}
-
-    def add(self, msg: messages.Output) -> None:
-        buf = self.streams.get(msg.stream)
-        if buf is not None and msg.offset == len(buf):  # in order; gaps wait for Exited
-            buf += msg.data
-
-
-class Watchers:
-    """Lets a waiting request sleep until its job reaches a terminal state."""
-
-    def __init__(self) -> None:
-        self._events: dict[str, list[asyncio.Event]] = {}
-
-    def notify(self, job_id: str) -> None:
-        for event in self._events.pop(job_id, []):
-            event.set()
-
-    def notify_all(self) -> None:
-        """Wake every waiter (the controller is stopping: they answer with what they have)."""
-        for job_id in list(self._events):
-            self.notify(job_id)
-
-    async def wait(self, job_id: str, timeout: float) -> bool:
-        """Sleep until the job is notified (True) or ``timeout`` passes (False)."""
-        return await self.wait_armed(job_id, self.arm(job_id), timeout)
-
-    def arm(self, job_id: str) -> asyncio.Event:
-        """Register now, wait later (wait_armed): a notice in between is not lost."""
-        event = asyncio.Event()
-        self._events.setdefault(job_id, []).append(event)
-        return event
-
-    async def wait_armed(self, job_id: str, event: asyncio.Event, timeout: float) -> bool:
-        try:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(event.wait(), timeout)
-            return event.is_set()
-        finally:
-            self.disarm(job_id, event)
-
-    def disarm(self, job_id: str, event: asyncio.Event) -> None:
-        waiting = self._events.get(job_id)
-        if waiting and event in waiting:
-            waiting.remove(event)
-            if not waiting:
-                del self._events[job_id]
 
 
 class Dispatcher:
@@ -121,9 +68,10 @@ class Dispatcher:
         self.plan = scheduler.Plan([], {})
         self._plan_fresh = False  # False: the queue changed since the plan was made
         self._plan_at = -math.inf  # monotonic, when it was made
-        self.watchers = Watchers()  # woken when a job ends (submit-and-wait)
-        self.changes = Watchers()  # woken when a job starts, prints, runs again or ends (logs)
-        self.live: dict[str, LiveOutput] = {}
+        self.watchers = live_mod.Watchers()  # woken when a job ends (submit-and-wait)
+        # Woken when a job starts, prints, runs again or ends (log followers).
+        self.changes = live_mod.Watchers()
+        self.live: dict[str, live_mod.LiveOutput] = {}
         # Attempts the controller gave up on (cancelled or requeued while their host was
         # away) that may still run there: their GPUs stay taken until the agent reports
         # them ended or no longer held. (job_id, attempt) -> (host, GPU indexes)
@@ -644,7 +592,7 @@ class Dispatcher:
                 # after a restart).
                 live = self.live.get(job.id)
                 if live is None or live.attempt != job.attempt:
-                    live = self.live[job.id] = LiveOutput(job.attempt)
+                    live = self.live[job.id] = live_mod.LiveOutput(job.attempt)
                 self._send(link, messages.Attach(
                     job_id=job.id, attempt=job.attempt, stdout=len(live.streams["stdout"]),
                     stderr=len(live.streams["stderr"])))
@@ -714,7 +662,7 @@ class Dispatcher:
                 case messages.Started():
                     self.store.mark_started(msg.job_id, msg.attempt, msg.at)
                     self.started_seen[msg.job_id] = self.mono()
-                    self.live[msg.job_id] = LiveOutput(msg.attempt)
+                    self.live[msg.job_id] = live_mod.LiveOutput(msg.attempt)
                     self._later(lambda: self.changes.notify(msg.job_id))
                 case messages.Output():
                     live = self.live.get(msg.job_id)
