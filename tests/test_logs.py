@@ -66,8 +66,10 @@ def test_follow_gives_history_then_live_output_then_the_end(cluster: Cluster,
     code = ("import sys, time\nprint('first', flush=True)\n"
             "print('oops', file=sys.stderr, flush=True)\ntime.sleep(2)\nprint('second')\n")
     job_id = cluster.submit(user, code, wait=False).json()["job_id"]
-    cluster.wait_status(user, job_id, {"running"})
-    time.sleep(0.6)  # 'first' is history by the time the follower comes
+    deadline = time.monotonic() + 30
+    while text(events(cluster, user, job_id, follow=False)) != "first\n":  # history now
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
     evs = events(cluster, user, job_id)
     assert text(evs) == "first\nsecond\n"
     assert text(evs, "stderr") == "oops\n"
