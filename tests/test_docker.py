@@ -98,6 +98,10 @@ def test_a_plain_job_in_a_container(dc: Cluster, user: User) -> None:
     files = dc._db.execute("SELECT name, data FROM job_files WHERE job_id = ?",
                            [body["job_id"]]).fetchall()
     assert files == [("result.json", b'{"acc": 1}')]
+    listed = dc.get(user, "artifacts", body["job_id"]).json()
+    assert listed["files"] == [{"name": "result.json", "size": 10}]
+    got = dc.get(user, "artifacts", f"{body['job_id']}/result.json")
+    assert got.content == b'{"acc": 1}'
     assert leftover_containers() == []
 
 

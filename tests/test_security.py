@@ -179,8 +179,13 @@ def _job_routes(cluster: Cluster) -> list[tuple[str, str]]:
     return sorted(routes)
 
 
+def _at(path: str, job_id: str) -> str:
+    return path.replace("{job_id}", job_id).replace("{name}", "out.txt")
+
+
 def test_the_walk_covers_every_route_with_a_job_id(cluster: Cluster) -> None:
     assert _job_routes(cluster) == [
+        ("GET", "/api/artifacts/{job_id}"), ("GET", "/api/artifacts/{job_id}/{name}"),
         ("GET", "/api/logs/{job_id}"),
         ("GET", "/api/results/{job_id}"), ("GET", "/api/status/{job_id}"),
         ("POST", "/api/admin/cancel/{job_id}"), ("POST", "/api/admin/requeue/{job_id}"),
@@ -197,7 +202,7 @@ def _median_ms(cluster: Cluster, method: str, path: str, user: User, ids: list[s
         for _ in range(25):
             for i, job_id in enumerate(ids):
                 started = time.perf_counter()
-                s.request(method, f"{cluster.url}{path.format(job_id=job_id)}", params=params,
+                s.request(method, f"{cluster.url}{_at(path, job_id)}", params=params,
                           timeout=30)
                 samples[i].append((time.perf_counter() - started) * 1000)
     return [statistics.median(s) for s in samples]
@@ -217,9 +222,9 @@ def test_another_users_job_is_the_same_404_as_a_missing_one_everywhere(
         for owner, other in itertools.permutations(users, 2):
             for method, path in routes:
                 for params in ({}, {"user_id": other.name}):
-                    theirs = call(cluster, method, path.format(job_id=jobs[owner.name]), other,
+                    theirs = call(cluster, method, _at(path, jobs[owner.name]), other,
                                   **params)
-                    absent = call(cluster, method, path.format(job_id=missing), other,
+                    absent = call(cluster, method, _at(path, missing), other,
                                   **params)
                     expected = ((403, {"detail": "This needs an admin token"})
                                 if "/admin/" in path else (404, {"detail": "Job not found"}))

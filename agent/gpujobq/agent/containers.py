@@ -35,9 +35,6 @@ LABEL_ATTEMPT = "gpujobq.attempt"
 LABEL_HOST = "gpujobq.host"  # the agent that made it: restarts clean up their own only
 OUTPUT_POLL = 0.5  # seconds between checks of the output folder's size
 FLOOD_FACTOR = 64  # a job printing more than this x output_cap is stopped (output_limit)
-# Files read back from /output travel in one Exited message (frames are at most 256 MiB)
-# and are stored with the job: at most this much, the rest is listed as skipped.
-FILES_CAP = 32 << 20
 T = TypeVar("T")
 
 GpuMode = Literal["request", "runtime"]
@@ -314,13 +311,13 @@ class DockerRuntime:
         if reason is Reason.EXIT_CODE and state.get("OOMKilled"):
             reason = Reason.OOM
         files, skipped = await self._call(
-            outputs.collect, output_dir, min(FILES_CAP, self.limits.output_size))
+            outputs.collect, output_dir, min(outputs.FILES_CAP, self.limits.output_size))
         return runtime.Outcome(
             reason=reason,
             exit_code=int(state.get("ExitCode", -1)),
             stdout=out.value(),
             stderr=err.value(),
-            detail=f"skipped in output: {', '.join(skipped[:20])}" if skipped else "",
+            detail=outputs.skipped_detail(skipped),
             files=files,
         )
 

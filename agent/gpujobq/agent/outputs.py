@@ -1,7 +1,9 @@
 """A job's output folder, read back from the host side without trusting what is in it.
 
 The job controls every name in the folder: links are never followed (a link to a host
-file must not leak it), only regular files are read, and the total is capped.
+file must not leak it), only regular files are read, and their total size and count are
+capped. What is read back travels in the Exited message and is kept with the job as its
+artifacts (GET /api/artifacts/{job_id}).
 """
 
 from __future__ import annotations
@@ -11,6 +13,11 @@ import pathlib
 import stat
 
 from gpujobq.protocol import messages
+
+# Files read back travel in one Exited message (frames are at most 256 MiB) and are
+# stored with the job: at most this many bytes and files; the rest is listed as skipped.
+FILES_CAP = 32 << 20
+MAX_FILES = 1000
 
 
 def size(folder: pathlib.Path) -> int:
@@ -33,8 +40,11 @@ def size(folder: pathlib.Path) -> int:
     return total
 
 
-def collect(folder: pathlib.Path, cap: int) -> tuple[tuple[messages.OutputFile, ...], list[str]]:
-    """The regular files below ``folder`` (at most ``cap`` bytes together), and what was skipped."""
+def collect(
+    folder: pathlib.Path, cap: int = FILES_CAP, max_files: int = MAX_FILES
+) -> tuple[tuple[messages.OutputFile, ...], list[str]]:
+    """The regular files below ``folder`` (at most ``cap`` bytes and ``max_files`` files
+    together), and what was skipped."""
     files: list[messages.OutputFile] = []
     skipped: list[str] = []
     left = cap
@@ -43,7 +53,7 @@ def collect(folder: pathlib.Path, cap: int) -> tuple[tuple[messages.OutputFile, 
         for name in sorted(filenames) + [d for d in dirnames if _is_link(dirpath, d)]:
             path = os.path.join(dirpath, name)
             rel = os.path.relpath(path, folder)
-            data = _read_regular(path, left)
+            data = _read_regular(path, left) if len(files) < max_files else None
             if data is None:
                 skipped.append(rel)
                 continue
@@ -66,3 +76,11 @@ def _read_regular(path: str, limit: int) -> bytes | None:
         if not stat.S_ISREG(info.st_mode) or info.st_size > limit:
             return None  # a fifo, a device, or more than the cap allows
         return fh.read(limit)
+
+
+def skipped_detail(skipped: list[str]) -> str:
+    """The result's detail for files left behind: the first names, and how many in all."""
+    if not skipped:
+        return ""
+    more = f" and {len(skipped) - 20} more" if len(skipped) > 20 else ""
+    return f"skipped in output: {', '.join(skipped[:20])}{more}"

@@ -25,7 +25,7 @@ import time
 from typing import NamedTuple
 
 import msgspec
-from gpujobq.agent import capture, runtime
+from gpujobq.agent import capture, outputs, runtime
 from gpujobq.agent import spool as spool_mod
 from gpujobq.protocol import messages
 from gpujobq.protocol.states import Reason
@@ -97,11 +97,14 @@ class ProcessRuntime:
             for task in pending:
                 task.cancel()
         assert proc.returncode is not None
+        files, skipped = await asyncio.to_thread(outputs.collect, folder / "output")
         return runtime.Outcome(
             reason=reason,
             exit_code=runtime.exit_status(proc.returncode),
             stdout=out.value(),
             stderr=err.value(),
+            detail=outputs.skipped_detail(skipped),
+            files=files,
         )
 
     async def _supervise(
@@ -138,6 +141,9 @@ class ProcessRuntime:
             "CUDA_VISIBLE_DEVICES": ",".join(_device_name(g) for g in job.gpus),
             "GPUJOBQ_JOB_ID": job.job_id,
             "GPUJOBQ_ATTEMPT": str(job.attempt),
+            # Its artifacts: SPOOL/<job_id>-a<attempt>/output/ (see spool.py), not capped
+            # while it runs here; what is read back is (outputs.py).
+            "GPUJOBQ_OUTPUT": str(workdir.parent / "output"),
         }
 
 

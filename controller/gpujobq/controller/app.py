@@ -12,7 +12,16 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 import asyncssh
-from gpujobq.controller import adminapi, agents, api, database, dispatcher, service, store
+from gpujobq.controller import (
+    adminapi,
+    agents,
+    api,
+    artifacts,
+    database,
+    dispatcher,
+    service,
+    store,
+)
 from gpujobq.controller.settings import Settings
 from gpujobq.protocol import inventory
 from litestar import Litestar
@@ -138,7 +147,7 @@ def create_app(settings: Settings) -> Litestar:
             db.close()
 
     return Litestar(
-        route_handlers=[*api.ROUTES, *adminapi.ROUTES],
+        route_handlers=[*api.ROUTES, *adminapi.ROUTES, *artifacts.ROUTES],
         lifespan=[lifespan],
         exception_handlers={Exception: api.error_response},
         request_max_body_size=settings.max_upload,

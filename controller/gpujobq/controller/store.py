@@ -133,6 +133,22 @@ class Store:
         args.append(limit)
         return [Summary(*r) for r in self.db.execute(sql, args)]
 
+    def recent_for_user(self, user_id: str, limit: int) -> list[Job]:
+        """A user's pending and running jobs and ``limit`` newest ones, newest first, with
+        no output (the web board's)."""
+        sql = (f"SELECT {_NO_OUTPUT} FROM jobs WHERE user_id = ?"
+               " AND status IN ('pending', 'running')"
+               f" UNION SELECT * FROM (SELECT {_NO_OUTPUT} FROM jobs WHERE user_id = ?"
+               " ORDER BY seq DESC LIMIT ?) ORDER BY seq DESC")
+        return [_job(r) for r in self.db.execute(sql, [user_id, user_id, limit])]
+
+    def count_active(self) -> tuple[int, int]:
+        """How many jobs are pending, and how many running."""
+        counts = dict(self.db.execute(
+            "SELECT status, COUNT(*) FROM jobs WHERE status IN ('pending', 'running')"
+            " GROUP BY status").fetchall())
+        return counts.get("pending", 0), counts.get("running", 0)
+
     def by_idempotency_key(self, user_id: str, key: str) -> Job | None:
         row = self.db.execute(
             "SELECT id FROM jobs WHERE user_id = ? AND idempotency_key = ?", [user_id, key]
@@ -288,6 +304,22 @@ class Store:
                 "SELECT name, data FROM job_files WHERE job_id = ? ORDER BY name", [job_id]
             )
         ]
+
+    def file_sizes(self, job_id: str) -> list[tuple[str, int]]:
+        """The job's files by name, with their sizes (their data is not read)."""
+        return [
+            (r[0], r[1])
+            for r in self.db.execute(
+                "SELECT name, length(data) FROM job_files WHERE job_id = ? ORDER BY name",
+                [job_id],
+            )
+        ]
+
+    def file(self, job_id: str, name: str) -> bytes | None:
+        row = self.db.execute(
+            "SELECT data FROM job_files WHERE job_id = ? AND name = ?", [job_id, name]
+        ).fetchone()
+        return None if row is None else bytes(row[0])
 
     def cancel_pending(self, job_id: str, detail: str = "cancelled by the user") -> Job:
         return self._end_without_agent(job_id, Status.PENDING, detail)
