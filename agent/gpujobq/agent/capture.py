@@ -27,10 +27,11 @@ class CappedBuffer:
         self.total += len(data)
         room = self.cap - (self.cap // 2) - len(self._head)
         if room > 0:
-            self._head += data[:room]
-            if self.live is not None and data[:room]:
-                self.live(data[:room])
-            data = data[room:]
+            head = data if len(data) <= room else data[:room]  # no copy in the usual case
+            self._head += head
+            if self.live is not None and head:
+                self.live(head)
+            data = data[len(head):]
         if data:
             keep = self.cap // 2
             self._tail += data

@@ -30,7 +30,7 @@ from gpujobq.controller import store
 from gpujobq.protocol.states import TERMINAL
 
 STREAMS = ("stdout", "stderr")
-CHUNK = 256 << 10  # bytes of output per event at most
+CHUNK = 1 << 20  # bytes of output per event at most (the agents' pieces are as large)
 KEEPALIVE = 15.0  # seconds between comments on a quiet stream (proxies close idle ones)
 
 
@@ -63,7 +63,8 @@ class _Sent:
 
 def _event(kind: str, data: object) -> bytes:
     # One data line: JSON holds no raw line breaks (msgspec escapes them).
-    return b"event: " + kind.encode() + b"\r\ndata: " + msgspec.json.encode(data) + b"\r\n\r\n"
+    return b"".join((b"event: ", kind.encode(), b"\r\ndata: ", msgspec.json.encode(data),
+                     b"\r\n\r\n"))  # one copy of a large payload, not three
 
 
 KEEPALIVE_COMMENT = b": waiting\r\n\r\n"
@@ -98,7 +99,9 @@ async def follow(svc: service_mod.JobService, job: store.Job, wait: bool
                 for stream in STREAMS:
                     buf = live.streams[stream]
                     if len(buf) > sent.offsets[stream]:
-                        for event in sent.events(stream, bytes(buf[sent.offsets[stream]:])):
+                        with memoryview(buf) as view:  # one copy of the new bytes, not two
+                            new = bytes(view[sent.offsets[stream]:])
+                        for event in sent.events(stream, new):
                             yield event
             if not wait or svc.stopping:
                 return
