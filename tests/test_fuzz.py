@@ -39,7 +39,8 @@ OPERATIONS = {
     "GET /api/jobs", "POST /api/cancel/{job_id}", "GET /api/health",
     "GET /api/admin/nodes", "POST /api/admin/reload", "POST /api/admin/cancel/{job_id}",
     "POST /api/admin/requeue/{job_id}", "GET /api/admin/users", "GET /api/logs/{job_id}",
-    "GET /api/artifacts/{job_id}", "GET /api/artifacts/{job_id}/{name}",
+    "GET /api/admin/logs/{job_id}", "GET /api/artifacts/{job_id}",
+    "GET /api/artifacts/{job_id}/{name}", "GET /metrics", "GET /api/board",
 }
 # Every check schemathesis has runs on every answer, but one: a schema-valid submission
 # is still refused (400/403/422) when its config.yaml, a file in the form, does not parse

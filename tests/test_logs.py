@@ -147,6 +147,22 @@ def test_refusals_name_the_problem(cluster: Cluster, user: User) -> None:
     assert r.status_code == 400 and "follow" in r.json()["detail"]
 
 
+def test_an_admin_reads_any_users_log(cluster: Cluster, user: User) -> None:
+    admin = cluster.user("admin", admin=True)
+    job_id = cluster.submit(user, "print('theirs')").json()["job_id"]
+    url = f"{cluster.url}/api/admin/logs/{job_id}"
+    r = requests.get(url, headers=admin.headers, timeout=30)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    assert r.text.startswith(
+        'event: output\r\ndata: {"stream":"stdout","offset":0,"text":"theirs\\n"}\r\n\r\n')
+    assert r.text.endswith('event: end\r\ndata: {"status":"completed","exit_code":0,'
+                           '"reason":"exit_code"}\r\n\r\n')
+    r = requests.get(url, headers=user.headers, timeout=30)
+    assert (r.status_code, r.json()) == (403, {"detail": "This needs an admin token"})
+    r = requests.get(f"{cluster.url}/api/admin/logs/nope", headers=admin.headers, timeout=30)
+    assert (r.status_code, r.json()) == (404, {"detail": "Job not found"})
+
+
 def test_the_schema_declares_the_event_stream(cluster: Cluster) -> None:
     schema = requests.get(f"{cluster.url}/schema/openapi.json", timeout=30).json()
     op = schema["paths"]["/api/logs/{job_id}"]["get"]

@@ -185,6 +185,7 @@ def _at(path: str, job_id: str) -> str:
 
 def test_the_walk_covers_every_route_with_a_job_id(cluster: Cluster) -> None:
     assert _job_routes(cluster) == [
+        ("GET", "/api/admin/logs/{job_id}"),
         ("GET", "/api/artifacts/{job_id}"), ("GET", "/api/artifacts/{job_id}/{name}"),
         ("GET", "/api/logs/{job_id}"),
         ("GET", "/api/results/{job_id}"), ("GET", "/api/status/{job_id}"),

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
-from gpujobq.controller import accounts, errors, fleetview, results
+from gpujobq.controller import accounts, errors, fleetview, logs, results
 from gpujobq.controller.api import (
     AUTHED,
     SECURITY,
@@ -19,6 +19,7 @@ from gpujobq.controller.api import (
 )
 from gpujobq.protocol import inventory
 from litestar import Request, get, post
+from litestar.response import Stream
 
 
 class UserItem(msgspec.Struct):
@@ -89,6 +90,17 @@ async def requeue_any(request: Request[Any, Any, Any], job_id: str) -> CancelRep
     return CancelReply(job_id=job.id, status=job.status.value, reason=job.reason)
 
 
+@get("/api/admin/logs/{job_id:path}", operation_class=ApiOperation, security=SECURITY,
+     responses=error_responses(404, *ADMIN), media_type="text/event-stream")
+async def logs_any(request: Request[Any, Any, Any], job_id: str, follow: bool = False
+                   ) -> Stream:
+    """Any user's job's output, as /api/logs gives it to its owner (the web board's admin
+    view follows it)."""
+    _admin(request)
+    svc = service_of(request)
+    return logs.response(svc, svc.any_job(path_id(job_id)), follow)
+
+
 @get("/api/admin/users", operation_class=ApiOperation, security=SECURITY,
      responses=error_responses(*ADMIN))
 async def users(request: Request[Any, Any, Any]) -> list[UserItem]:
@@ -102,4 +114,4 @@ async def users(request: Request[Any, Any, Any]) -> list[UserItem]:
     ]
 
 
-ROUTES = [nodes, reload, cancel_any, requeue_any, users]
+ROUTES = [nodes, reload, cancel_any, requeue_any, logs_any, users]

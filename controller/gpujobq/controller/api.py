@@ -62,6 +62,8 @@ class StatusReply(msgspec.Struct):
     estimated_start: str | None  # from the expected_time of the jobs ahead and running
     pending_reason: str | None  # why it still waits; None unless pending
     time_limit: float
+    competition_id: str  # as /api/jobs lists it (the `gpujobq` CLI's tables show it)
+    exit_code: int | None  # once it has ended, as /api/results has it
 
 
 class JobItem(msgspec.Struct):
@@ -312,7 +314,7 @@ async def status(
         queue_position=waiting.position if waiting else None,
         estimated_start=results.iso(waiting.estimated_start) if waiting else None,
         pending_reason=waiting.reason if waiting else None,
-        time_limit=job.time_limit,
+        time_limit=job.time_limit, competition_id=job.competition_id, exit_code=job.exit_code,
     )
 
 
@@ -378,8 +380,7 @@ async def job_logs(
     when it has ended. With follow=true the stream stays open until the job ends."""
     svc = service_of(request)
     job = svc.job_of(path_id(job_id), user_of(request, user_id))
-    return Stream(logs.follow(svc, job, follow), media_type="text/event-stream",
-                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return logs.response(svc, job, follow)
 
 
 @get("/api/health")

@@ -17,8 +17,10 @@ from gpujobq.controller import (
     agents,
     api,
     artifacts,
+    boardapi,
     database,
     dispatcher,
+    metrics,
     service,
     store,
 )
@@ -130,6 +132,7 @@ def create_app(settings: Settings) -> Litestar:
             store=jobs, dispatcher=disp, settings=settings, clock=clock
         )
         app.state.reloader = reloader
+        disp.observer = app.state.metrics = metrics.Metrics(app.state)
         app.state.loop = asyncio.get_running_loop()
         app.state.node_ids = jobs.node_ids(h.name for h in inv.hosts)
         tasks = [asyncio.create_task(disp.run(), name="dispatcher"),
@@ -147,9 +150,11 @@ def create_app(settings: Settings) -> Litestar:
             db.close()
 
     return Litestar(
-        route_handlers=[*api.ROUTES, *adminapi.ROUTES, *artifacts.ROUTES],
+        route_handlers=[*api.ROUTES, *adminapi.ROUTES, *artifacts.ROUTES, metrics.scrape,
+                        *boardapi.ROUTES],
         lifespan=[lifespan],
         exception_handlers={Exception: api.error_response},
+        after_exception=[metrics.count_refusal],
         request_max_body_size=settings.max_upload,
         openapi_config=api.openapi_config(),
     )

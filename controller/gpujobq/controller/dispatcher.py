@@ -45,6 +45,21 @@ PLAN_MAX_AGE = 5.0  # seconds a status may show the positions and estimates of a
 LinkFactory = Callable[[inventory_mod.Host, agents.Handler], agents.Link]
 
 
+class Observer:
+    """Told of job and agent events once they are committed (the metrics listen). These
+    defaults do nothing; an observer runs on the event loop and must be cheap."""
+
+    def job_started(self, job: store.Job, waited: float, latency: float | None) -> None:
+        """An attempt started: ``waited`` seconds after submission, ``latency`` after it
+        was dispatched (None when not dispatched by this controller)."""
+
+    def job_ended(self, job: store.Job) -> None:
+        """The job reached a terminal status."""
+
+    def agent_connected(self, host: str) -> None:
+        """The link to a host's agent came up (again)."""
+
+
 class Dispatcher:
     def __init__(
         self,
@@ -78,6 +93,7 @@ class Dispatcher:
         self.lingering: dict[tuple[str, int], tuple[str, tuple[int, ...]]] = {}
         self.dispatched_at: dict[str, float] = {}  # monotonic, when the RunJob left
         self.started_seen: dict[str, float] = {}  # monotonic, when Started arrived
+        self.observer = Observer()  # the app's metrics replace it
         self._wake = asyncio.Event()
         # Bumped whenever hosts, their GPUs or labels may have changed (inventory, hello).
         self.fleet_version = 0
@@ -356,8 +372,10 @@ class Dispatcher:
             time_limit=row.time_limit + self.settings.grace, expected_time=row.expected_time,
         )
 
-    def _plan(self, running: list[store.Job]) -> scheduler.Plan:
-        """The scheduler's plan, on the monotonic clock; estimates come back as wall time."""
+    def _plan(self, running: list[store.Job], extra: tuple[scheduler.Queued, ...] = ()
+              ) -> scheduler.Plan:
+        """The scheduler's plan, on the monotonic clock; estimates come back as wall time.
+        ``extra``: jobs not in the store, queued after it (``probe``)."""
         now, wall = self.mono(), self.clock()
         timeout = self.settings.heartbeat_timeout
         busy = []
@@ -377,7 +395,7 @@ class Dispatcher:
             busy.append(scheduler.Busy(host=host, gpus=gpus))
         busy += [b for n in self.nodes.values() if (b := n.dirty_busy()) is not None]
         hosts = [n.view(now, timeout) for n in self.nodes.values()]
-        queue = [self.queued(row) for row in self.store.queue()]
+        queue = [*(self.queued(row) for row in self.store.queue()), *extra]
         plan = scheduler.plan(queue, hosts, busy, now)
         for job_id, w in plan.waiting.items():
             if w.estimated_start is not None:
@@ -399,6 +417,16 @@ class Dispatcher:
                 self.wake()  # the next pass starts it
                 return scheduler.Waiting(0, "starting", self.clock())
         return self.plan.waiting.get(job.id)
+
+    def probe(self, gpus: int = 1) -> scheduler.Waiting:
+        """Where a job asking ``gpus`` GPUs (no labels, no known time limit) of a user with
+        nothing queued would stand if submitted now; position 0: it would start at once.
+        Changes nothing, but plans the whole queue: callers keep the answer a while."""
+        probe = scheduler.Queued(job_id="", gpus=gpus)  # no stored job has an empty id
+        plan = self._plan(self.store.by_status(Status.RUNNING), (probe,))
+        if any(a.job_id == "" for a in plan.assignments):
+            return scheduler.Waiting(0, "starting", self.clock())
+        return plan.waiting[""]
 
     @property
     def lost_after(self) -> float:
@@ -572,6 +600,7 @@ class Dispatcher:
         if node is None:
             return
         node.hello, node.dirty, node.last_heard = hello, hello.dirty, self.mono()
+        self.observer.agent_connected(link.name)
         node.refresh()
         self.fleet_version += 1  # its GPUs are known now (or changed)
         node.lease_sent = self.mono()
@@ -624,6 +653,15 @@ class Dispatcher:
 
     def _apply_bursts(self) -> None:
         bursts, self._bursts = self._bursts, []
+        if all(type(msg) is messages.Output for _, msgs in bursts for msg in msgs):
+            # Only live output (a job printing fast): kept in memory, nothing to store, so
+            # no transaction either.
+            for link, msgs in bursts:
+                if (node := self.node_of(link)) is not None:
+                    node.last_heard = self.mono()
+                    for msg in msgs:
+                        self._output(msg)
+            return
         failed: dict[int, tuple[agents.Link, Exception]] = {}
         try:
             with self._batch():
@@ -660,21 +698,28 @@ class Dispatcher:
         try:
             match msg:
                 case messages.Started():
-                    self.store.mark_started(msg.job_id, msg.attempt, msg.at)
-                    self.started_seen[msg.job_id] = self.mono()
+                    job = self.store.mark_started(msg.job_id, msg.attempt, msg.at)
+                    now = self.started_seen[msg.job_id] = self.mono()
+                    sent = self.dispatched_at.get(msg.job_id)
+                    latency = None if sent is None else now - sent
+                    waited = self.clock() - job.created_at
+                    self._later(lambda: self.observer.job_started(job, waited, latency))
                     self.live[msg.job_id] = live_mod.LiveOutput(msg.attempt)
                     self._later(lambda: self.changes.notify(msg.job_id))
                 case messages.Output():
-                    live = self.live.get(msg.job_id)
-                    if live is not None and live.attempt == msg.attempt:
-                        live.add(msg)
-                        self.changes.notify(msg.job_id)
+                    self._output(msg)
                 case messages.Exited():
                     self._exited(link, msg)
                 case messages.Heartbeat():
                     self._heartbeat(link, msg)
         except errors.TransitionError as exc:
             log.info("ignored a stale report: %s", exc)
+
+    def _output(self, msg: messages.Output) -> None:
+        live = self.live.get(msg.job_id)
+        if live is not None and live.attempt == msg.attempt:
+            live.add(msg)
+            self.changes.notify(msg.job_id)
 
     def _heartbeat(self, link: agents.Link, beat: messages.Heartbeat) -> None:
         self._set_dirty(link, beat.dirty)
@@ -747,6 +792,7 @@ class Dispatcher:
         return bytes(live.streams["stdout"]), bytes(live.streams["stderr"])
 
     def _finished(self, job: store.Job) -> None:
+        self._later(lambda: self.observer.job_ended(job))
         self.live.pop(job.id, None)
         self.dispatched_at.pop(job.id, None)
         self.started_seen.pop(job.id, None)

@@ -28,6 +28,7 @@ from gpujobq.controller import dispatcher as dispatcher_mod
 from gpujobq.controller import service as service_mod
 from gpujobq.controller import store
 from gpujobq.protocol.states import TERMINAL
+from litestar.response import Stream
 
 STREAMS = ("stdout", "stderr")
 CHUNK = 1 << 20  # bytes of output per event at most (the agents' pieces are as large)
@@ -68,6 +69,12 @@ def _event(kind: str, data: object) -> bytes:
 
 
 KEEPALIVE_COMMENT = b": waiting\r\n\r\n"
+
+
+def response(svc: service_mod.JobService, job: store.Job, wait: bool) -> Stream:
+    """The events of ``follow`` as an HTTP response (uncached, unbuffered by proxies)."""
+    return Stream(follow(svc, job, wait), media_type="text/event-stream",
+                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 async def follow(svc: service_mod.JobService, job: store.Job, wait: bool
