@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import pathlib
 import subprocess
@@ -11,11 +10,11 @@ import sys
 import time
 
 import asyncssh
-import httpx
+from gpujobq.client import Client
 from gpujobq.controller import agents
 from gpujobq.protocol import sshkeys
 
-from tests.bench import load, system
+from tests.bench import system
 from tests.bench.stats import Figure, median
 from tests.cluster import Agent, env, free_port
 
@@ -30,33 +29,28 @@ time.sleep(30)  # still running: the follower reads live output, not the final r
 """.encode()
 
 
-async def _follow(port: int, user: str, token: str) -> float:
-    """Submit the job and follow GET /api/logs (server-sent events) until all its output
+def _follow(port: int, user: str, token: str) -> float:
+    """Submit the job and follow its live log with gpujobq's own client (what `gpujobq
+    logs -f` reads: GET /api/logs?follow=true, server-sent events) until all its output
     has come; MB/s from the job's first line."""
-    conn = await load.Connection.open("127.0.0.1", port)
-    try:
-        job = load.body_json(await conn.request(load.submit(user, token, JOB)))["job_id"]
-    finally:
-        conn.close()
-    got, began, kind = 0, None, ""
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
-        async with client.stream("GET", f"/api/logs/{job}", headers={
-                "Authorization": f"Bearer {token}"}, params={"user_id": user,
-                                                             "follow": "true"}) as r:
-            async for line in r.aiter_lines():
-                if line.startswith("event:"):
-                    kind = line[6:].strip()
-                elif line.startswith("data:") and kind == "output":
-                    event = json.loads(line[5:])
-                    if event["stream"] == "stderr" and began is None:
-                        began = float(event["text"].split()[0])
-                    elif event["stream"] == "stdout":
-                        got = event["offset"] + len(event["text"])  # ASCII: chars = bytes
-                    if got >= SIZE and began is not None:
-                        done = time.time()
-                        break
-        await client.post(f"/api/cancel/{job}", params={"user_id": user},
-                          headers={"Authorization": f"Bearer {token}"})
+    began, done = None, None
+    config = f"competition_id: bench\nproject_id: bench\nuser_id: {user}\n" \
+             "expected_time: 10\n"
+    with Client(f"http://127.0.0.1:{port}", token) as client:
+        job = client.submit(JOB, config.encode())["job_id"]
+        events = client.logs(job, follow=True)
+        for event in events:
+            if event.event != "output":
+                continue
+            data = event.json()
+            if data["stream"] == "stderr" and began is None:
+                began = float(data["text"].split()[0])
+            elif data["stream"] == "stdout" and data["offset"] + len(data["text"]) >= SIZE:
+                done = time.time()  # ASCII: characters are bytes
+                break
+        events.close()
+        client.cancel(job)
+    assert began is not None and done is not None
     return SIZE / 2**20 / (done - began)
 
 
@@ -98,7 +92,7 @@ def b10(root: pathlib.Path, trials: int) -> Figure:
         ctl.start(agents=1)
         (user, token), = ctl.users(1)
         for _ in range(trials):
-            ours.append(asyncio.run(_follow(ctl.port, user, token)))  # type: ignore[arg-type]
+            ours.append(_follow(ctl.port, user, token))  # type: ignore[arg-type]
             base.append(asyncio.run(_raw(raw_port, raw_key, ctl.client_key)))
     finally:
         system.stop(raw)
@@ -110,7 +104,8 @@ def b10(root: pathlib.Path, trials: int) -> Figure:
         f"{median(ours):.0f} MB/s", f"raw asyncssh channel {median(base):.0f} MB/s",
         f"{ratio:.2f}x", ">= 0.4x", ratio >= 0.4,
         [f"{trials} trials: a process-runtime job prints {SIZE >> 20} MiB; the follower "
-         "reads GET /api/logs?follow=true (server-sent events, httpx) until all of it has "
+         "reads GET /api/logs?follow=true (server-sent events) with gpujobq's own client "
+         "(what `gpujobq logs -f` runs) until all of it has "
          "come, timed from the job's first line; baseline: the same bytes written on one "
          "exec channel of an asyncssh server (same ciphers) and read by an asyncssh client; "
          "output_cap raised to "

@@ -46,6 +46,22 @@ def test_sse_fields_follow_the_standard() -> None:
                       sse.Event("message", "", "7")]
 
 
+def test_sse_lines_end_at_crlf_lf_or_cr_wherever_the_chunks_are_cut() -> None:
+    raw = "event: output\r\ndata: é€😀\r\rlone\nlf\r\n\r\nlast\r".encode()
+    want = ["event: output", "data: é€😀", "", "lone", "lf", "", "last"]
+    for cut in range(len(raw) + 1):
+        for step in (1, 2, 3, len(raw) or 1):
+            lines = sse.Lines()
+            got = lines.feed(raw[:cut])
+            for i in range(cut, len(raw), step):
+                got += lines.feed(raw[i:i + step])
+            assert got == want, (cut, step)
+
+
+def test_sse_lines_read_bad_bytes_as_replacement_characters() -> None:
+    assert sse.Lines().feed(b"data: \xff\xfeok\n") == ["data: \ufffd\ufffdok"]
+
+
 # ---- following output ------------------------------------------------------------------
 
 
@@ -190,8 +206,11 @@ def test_on_a_terminal_the_status_line_is_rewritten_in_place() -> None:
         con.status("pending: position 2")
         con.status("pending: position 1")
         con.note("job j running on node0")
-        got = os.read(leader, 4096).decode()
+        raw = b""
+        while not raw.endswith(b"\r\n"):  # a pty may hand the writes over in parts
+            raw += os.read(leader, 4096)
     os.close(leader)
+    got = raw.decode()
     assert got == ("\r\x1b[Kpending: position 2\r\x1b[Kpending: position 1\r\x1b[K"
                    "gpujobq: job j running on node0\r\n")  # the terminal adds \r
 

@@ -91,7 +91,7 @@ async def requeue_any(request: Request[Any, Any, Any], job_id: str) -> CancelRep
 
 
 @get("/api/admin/logs/{job_id:path}", operation_class=ApiOperation, security=SECURITY,
-     responses=error_responses(404, *ADMIN), media_type="text/event-stream")
+     responses=error_responses(400, 404, *ADMIN), media_type="text/event-stream")
 async def logs_any(request: Request[Any, Any, Any], job_id: str, follow: bool = False
                    ) -> Stream:
     """Any user's job's output, as /api/logs gives it to its owner (the web board's admin

@@ -175,11 +175,12 @@ class Client:
             if response.is_error:
                 response.read()
                 _raise_for(response)
-            parser = sse.Parser()
-            for line in response.iter_lines():
-                event = parser.feed(line)
-                if event is not None:
-                    yield event
+            lines, parser = sse.Lines(), sse.Parser()
+            for chunk in response.iter_bytes():
+                for line in lines.feed(chunk):
+                    event = parser.feed(line)
+                    if event is not None:
+                        yield event
         except httpx.HTTPError as exc:
             raise _unreachable(self.server, exc) from exc
         finally:
