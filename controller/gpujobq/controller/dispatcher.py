@@ -789,7 +789,7 @@ class Dispatcher:
         live = self.live.get(job.id)
         if job.status is not Status.RUNNING or live is None or live.attempt != job.attempt:
             return job.stdout, job.stderr
-        return bytes(live.streams["stdout"]), bytes(live.streams["stderr"])
+        return live.streams["stdout"].since(0), live.streams["stderr"].since(0)
 
     def _finished(self, job: store.Job) -> None:
         self._later(lambda: self.observer.job_ended(job))

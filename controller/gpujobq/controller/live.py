@@ -7,9 +7,42 @@ In memory only: live output comes again from the agent after a controller restar
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 
 from gpujobq.protocol import messages
+
+SMALL = 64 << 10  # pieces up to this size are joined (many small writes, few objects)
+
+
+class Printed:
+    """One stream's bytes so far, kept as the pieces they came in: a large piece is
+    never copied to be stored, and a follower that has read up to the last piece gets
+    the next one as it is."""
+
+    def __init__(self) -> None:
+        self.pieces: list[bytes] = []
+        self.starts: list[int] = []  # each piece's offset in the stream
+        self.size = 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def append(self, data: bytes) -> None:
+        if self.pieces and len(self.pieces[-1]) + len(data) <= SMALL:
+            self.pieces[-1] += data
+        else:
+            self.pieces.append(data)
+            self.starts.append(self.size)
+        self.size += len(data)
+
+    def since(self, offset: int) -> bytes:
+        """The bytes from ``offset`` to the end."""
+        if offset >= self.size:
+            return b""
+        i = max(0, bisect.bisect_right(self.starts, offset) - 1)
+        first = self.pieces[i][offset - self.starts[i]:]  # the piece itself from its start
+        return first if i == len(self.pieces) - 1 else b"".join((first, *self.pieces[i + 1:]))
 
 
 class LiveOutput:
@@ -17,12 +50,12 @@ class LiveOutput:
 
     def __init__(self, attempt: int) -> None:
         self.attempt = attempt
-        self.streams = {"stdout": bytearray(), "stderr": bytearray()}
+        self.streams = {"stdout": Printed(), "stderr": Printed()}
 
     def add(self, msg: messages.Output) -> None:
-        buf = self.streams.get(msg.stream)
-        if buf is not None and msg.offset == len(buf):  # in order; gaps wait for Exited
-            buf += msg.data
+        printed = self.streams.get(msg.stream)
+        if printed is not None and msg.offset == len(printed):  # in order; gaps wait
+            printed.append(msg.data)  # for Exited
 
 
 class Watchers:

@@ -104,10 +104,8 @@ async def follow(svc: service_mod.JobService, job: store.Job, wait: bool
             live = d.live.get(job.id)
             if live is not None and live.attempt == job.attempt:
                 for stream in STREAMS:
-                    buf = live.streams[stream]
-                    if len(buf) > sent.offsets[stream]:
-                        with memoryview(buf) as view:  # one copy of the new bytes, not two
-                            new = bytes(view[sent.offsets[stream]:])
+                    new = live.streams[stream].since(sent.offsets[stream])
+                    if new:
                         for event in sent.events(stream, new):
                             yield event
             if not wait or svc.stopping:
