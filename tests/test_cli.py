@@ -111,6 +111,18 @@ def test_make_up_script(tmp_path: pathlib.Path) -> None:
                                env=env, capture_output=True, text=True, timeout=60)
         assert fleet.returncode == 0, fleet.stderr
         assert re.search(r"^local +up +127\.0\.0\.1:\d+ ", fleet.stdout, re.M), fleet.stdout
+        # So does the gpujobq line, with the client settings it wrote.
+        cli = next(line.strip() for line in lines if "bin/gpujobq submit" in line)
+        assignment, *argv = shlex.split(cli)
+        name, value = assignment.split("=", 1)
+        argv[0] = argv[0].replace(".venv/bin", str(BIN), 1)
+        run = subprocess.run(argv, cwd=project, env={**env, name: value},
+                             capture_output=True, text=True, timeout=60)
+        assert (run.returncode, run.stdout.startswith("Hello from GPU")) == (0, True), run
+        cli_job = re.search(r"job (\S+) submitted", run.stderr).group(1)  # type: ignore[union-attr]
+        assert (project / "var/demo/gpujobq.yaml").stat().st_mode & 0o077 == 0
+        assert re.search(r"The web board .*: http://127\.0\.0\.1:\d+/$",
+                         "".join(lines), re.M)
         first_token = re.search(r"Bearer (gjq_[^\"]+)", submit).group(1)
     finally:
         down(proc)
@@ -123,7 +135,7 @@ def test_make_up_script(tmp_path: pathlib.Path) -> None:
         run = subprocess.run([*shlex.split(listing), "-s"], capture_output=True, text=True,
                              timeout=60)
         jobs = json.loads(run.stdout)
-        assert [j["job_id"] for j in jobs] == [body["job_id"]]
+        assert [j["job_id"] for j in jobs] == [cli_job, body["job_id"]]
     finally:
         down(proc)
 

@@ -310,14 +310,14 @@ class DockerRuntime:
         state = (await self._call(self._state, container)) or {}
         if reason is Reason.EXIT_CODE and state.get("OOMKilled"):
             reason = Reason.OOM
-        files, skipped = await self._call(
+        files, left_behind = await self._call(
             outputs.collect, output_dir, min(outputs.FILES_CAP, self.limits.output_size))
         return runtime.Outcome(
             reason=reason,
             exit_code=int(state.get("ExitCode", -1)),
             stdout=out.value(),
             stderr=err.value(),
-            detail=outputs.skipped_detail(skipped),
+            detail=left_behind,
             files=files,
         )
 

@@ -348,6 +348,15 @@ class Agent:
             await asyncio.to_thread(self.spool.store_result, exited)
         except OSError:
             log.exception("could not store the result of job %s", run.job_id)
+        except (msgspec.EncodeError, ValueError) as exc:
+            # Something the job made that the result cannot carry (outputs.py keeps such
+            # file names out): send the result without its files rather than none.
+            log.exception("job %s: result not encodable, sent without files", run.job_id)
+            exited = msgspec.structs.replace(
+                exited, files=(), detail=f"{exited.detail}; output files dropped: {exc}"
+                .removeprefix("; "))
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(self.spool.store_result, exited)
         held.result = exited
         self._report(exited)
         try:

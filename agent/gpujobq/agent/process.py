@@ -97,13 +97,13 @@ class ProcessRuntime:
             for task in pending:
                 task.cancel()
         assert proc.returncode is not None
-        files, skipped = await asyncio.to_thread(outputs.collect, folder / "output")
+        files, left_behind = await asyncio.to_thread(outputs.collect, folder / "output")
         return runtime.Outcome(
             reason=reason,
             exit_code=runtime.exit_status(proc.returncode),
             stdout=out.value(),
             stderr=err.value(),
-            detail=outputs.skipped_detail(skipped),
+            detail=left_behind,
             files=files,
         )
 
