@@ -70,6 +70,13 @@ expected_time: 60
 token: "$TOKEN"
 YAML
 
+# The gpujobq command's settings for the demo user (a token: owner-only).
+(umask 077 && cat >var/demo/gpujobq.yaml <<YAML
+server: "$URL"
+token: "$TOKEN"
+YAML
+)
+
 if [ "$RUNTIME" = docker ]; then
     RUNTIME_NOTE="runtime: docker, each job in a hardened container"
 else
@@ -83,6 +90,9 @@ Submit a job:
   curl -X POST "$URL/api/submit" -H "Authorization: Bearer $TOKEN" -F "code=@var/demo/solution.py" -F "config_file=@var/demo/config.yaml"
 List your jobs:
   curl -H "Authorization: Bearer $TOKEN" "$URL/api/jobs?user_id=demo"
+Or with the gpujobq command (live queue position and output, the job's exit code):
+  GPUJOBQ_CONFIG=var/demo/gpujobq.yaml .venv/bin/gpujobq submit var/demo/solution.py var/demo/config.yaml
+The web board (hosts, GPUs, the queue; paste the token to see your jobs): $URL/
 The fleet (hosts, GPUs, the job on each), and reloading inventory.yaml after an edit:
   .venv/bin/gpujobq-controller nodes
   .venv/bin/gpujobq-controller reload

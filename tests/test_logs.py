@@ -154,7 +154,8 @@ def test_an_admin_reads_any_users_log(cluster: Cluster, user: User) -> None:
     r = requests.get(url, headers=admin.headers, timeout=30)
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
     assert r.text.startswith(
-        'event: output\r\ndata: {"stream":"stdout","offset":0,"text":"theirs\\n"}\r\n\r\n')
+        'event: output\r\ndata: {"stream":"stdout","offset":0,"size":7,"text":"theirs\\n"}'
+        '\r\n\r\n')
     assert r.text.endswith('event: end\r\ndata: {"status":"completed","exit_code":0,'
                            '"reason":"exit_code"}\r\n\r\n')
     r = requests.get(url, headers=user.headers, timeout=30)

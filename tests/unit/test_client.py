@@ -65,8 +65,19 @@ def test_sse_lines_read_bad_bytes_as_replacement_characters() -> None:
 # ---- following output ------------------------------------------------------------------
 
 
-def output(stream: str, offset: int, text: str) -> sse.Event:
-    return sse.Event("output", json.dumps({"stream": stream, "offset": offset, "text": text}))
+def output(stream: str, offset: int, text: str, size: int | None = None) -> sse.Event:
+    data: dict[str, object] = {"stream": stream, "offset": offset, "text": text}
+    if size is not None:
+        data["size"] = size
+    return sse.Event("output", json.dumps(data))
+
+
+def test_invalid_bytes_do_not_shift_what_follows() -> None:
+    # b"\xffabc\n" arrives as "\ufffdabc\n": 5 stream bytes, 7 bytes of UTF-8.
+    f = follower.Follower()
+    assert written(f, output("stdout", 0, "\ufffdabc\n", 5), output("stdout", 5, "second\n", 7),
+                   output("stdout", 0, "\ufffdabc\nsecond\n", 12)) == [
+        ("stdout", "\ufffdabc\n".encode()), ("stdout", b"second\n")]
 
 
 def written(f: follower.Follower, *events: sse.Event) -> list[tuple[str, bytes]]:

@@ -18,13 +18,21 @@ def test_a_split_character_comes_whole_at_its_own_offset() -> None:
     whole = "a€b".encode()  # € is 3 bytes: offsets 1..3
     first = [parse(e) for e in sent.events("stdout", whole[:2])]
     second = [parse(e) for e in sent.events("stdout", whole[2:])]
-    assert first == [("output", {"stream": "stdout", "offset": 0, "text": "a"})]
-    assert second == [("output", {"stream": "stdout", "offset": 1, "text": "€b"})]
+    assert first == [("output", {"stream": "stdout", "offset": 0, "size": 1, "text": "a"})]
+    assert second == [("output", {"stream": "stdout", "offset": 1, "size": 4, "text": "€b"})]
     # Splicing by offset (in bytes) rebuilds the stream exactly.
     got = b""
     for _, data in first + second:
         got = got[:data["offset"]] + str(data["text"]).encode()  # type: ignore[index]
     assert got == whole
+
+
+def test_size_counts_stream_bytes_where_invalid_ones_read_as_one_character() -> None:
+    sent = logs._Sent()
+    events = [parse(e)[1] for e in sent.events("stdout", b"\xff\xfeab\n")]
+    events += [parse(e)[1] for e in sent.events("stdout", b"next\n")]
+    assert events == [{"stream": "stdout", "offset": 0, "size": 5, "text": "\ufffd\ufffdab\n"},
+                      {"stream": "stdout", "offset": 5, "size": 5, "text": "next\n"}]
 
 
 def test_an_event_is_one_data_line_whatever_the_output_holds() -> None:

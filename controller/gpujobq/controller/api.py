@@ -375,7 +375,7 @@ async def job_logs(
     request: Request[Any, Any, Any], job_id: str, user_id: str | None = None,
     follow: bool = False,
 ) -> Stream:
-    """The job's output as server-sent events: `output` {stream, offset, text} for what it
+    """The job's output as server-sent events: `output` {stream, offset, size, text} for what it
     has printed, `restart` {attempt} when it runs again, `end` {status, exit_code, reason}
     when it has ended. With follow=true the stream stays open until the job ends."""
     svc = service_of(request)

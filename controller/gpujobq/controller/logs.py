@@ -2,10 +2,11 @@
 
 Events (each ``data`` is one JSON object):
 
-    output   {"stream": "stdout"|"stderr", "offset": N, "text": "..."}
-             the stream's bytes from byte ``offset`` on, as UTF-8 text (a character
-             split between two batches comes whole in the second, whose offset is where
-             it starts; invalid bytes read as U+FFFD)
+    output   {"stream": "stdout"|"stderr", "offset": N, "size": M, "text": "..."}
+             the stream's bytes from byte ``offset`` to ``offset + size``, as UTF-8 text
+             (a character split between two batches comes whole in the second, whose
+             offset is where it starts; invalid bytes read as U+FFFD, so ``size``, not
+             the text's length, says where the next event starts)
     restart  {"attempt": N}   the job went back to the queue and runs again: its output
                               starts over from offset 0
     end      {"status": ..., "exit_code": ..., "reason": ...}   the job has ended; the
@@ -54,8 +55,10 @@ class _Sent:
             # The text starts with the bytes of a character the previous piece split.
             held = len(decoder.getstate()[0])
             text = decoder.decode(piece, final=last)
+            held_after = len(decoder.getstate()[0])
             out.append(_event("output", {"stream": stream,
                                          "offset": self.offsets[stream] - held,
+                                         "size": held + len(piece) - held_after,
                                          "text": text}))
             self.offsets[stream] += len(piece)
             self.head[stream] += piece

@@ -62,12 +62,15 @@ class Follower:
         if piece.stream not in self.written:
             return []
         data = piece.text.encode()
-        skip = self.written[piece.stream] - piece.offset  # bytes of it already written
-        if skip >= len(data):
+        # The stream bytes the text stands for: the server's count (an invalid byte reads
+        # as U+FFFD, three bytes in UTF-8), or the text's own length from older servers.
+        size = len(data) if piece.size is None else piece.size
+        skip = self.written[piece.stream] - piece.offset  # stream bytes already written
+        if skip >= size:
             return []
         if skip > 0:
-            data = data[skip:]
-        self.written[piece.stream] = piece.offset + max(skip, 0) + len(data)
+            data = data[skip:]  # exact unless the overlap itself holds invalid bytes
+        self.written[piece.stream] = piece.offset + size
         return [Write(piece.stream, data)]
 
 
@@ -75,6 +78,7 @@ class _Output(msgspec.Struct, frozen=True):
     stream: str
     offset: int
     text: str
+    size: int | None = None
 
 
 def exit_status(end: End) -> int:

@@ -277,11 +277,10 @@
   let segments = []; // {stream, offset, bytes, span}, in arrival order
   let ends = { stdout: 0, stderr: 0 }; // byte offset where each stream's text ends
 
-  // Bytes the server counted for a text: invalid bytes arrive as U+FFFD (3 bytes in
-  // UTF-8), most often one byte each on the server's side.
-  function byteLength(text) {
-    const replaced = (text.match(/\uFFFD/g) || []).length;
-    return encoder.encode(text).length - 2 * replaced;
+  // The stream bytes a text stands for: the server says (`size`); an invalid byte is
+  // one U+FFFD in the text, three bytes in UTF-8, so the text's own length can differ.
+  function byteLength(data) {
+    return typeof data.size === "number" ? data.size : encoder.encode(data.text).length;
   }
 
   function truncate(stream, at) {
@@ -311,7 +310,7 @@
     // Later text from an earlier offset replaces what was shown from there on.
     if (data.offset < ends[stream]) truncate(stream, data.offset);
     const span = el("span", { class: stream }, data.text);
-    const bytes = byteLength(data.text);
+    const bytes = byteLength(data);
     segments.push({ stream, offset: data.offset, bytes, span });
     ends[stream] = data.offset + bytes;
     appendToLog(span);
