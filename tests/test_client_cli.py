@@ -180,6 +180,17 @@ def test_no_wait_prints_only_the_id_and_logs_follow_to_the_end(gq: Gq) -> None:
                                                               "to stderr\n")
 
 
+def test_json_logs_follow_exits_with_the_jobs_code(gq: Gq) -> None:
+    job_id = gq.submit_held(code=3)
+    gq.gate().touch()
+    done = gq("logs", "-f", "--json", job_id)
+    events = [json.loads(line) for line in done.stdout.splitlines()]
+    assert done.returncode == 3, done.stderr
+    assert events[-1] == {"event": "end", "data": {"status": "failed", "exit_code": 3,
+                                                   "reason": "exit_code"}}
+    assert gq("logs", "--json", job_id).returncode == 0  # without -f: what there is
+
+
 def test_a_waiting_job_shows_its_place_in_the_queue(gq: Gq) -> None:
     holder = gq.submit_held()
     gq.job("print('my turn')", name="next.py")

@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
-from gpujobq.client import api, cli, config, display, follower, sse
+from gpujobq.client import api, cli, config, display, follower, sse, watch
 from gpujobq.client.console import Console
 
 UTC = dt.UTC
@@ -78,6 +78,16 @@ def test_invalid_bytes_do_not_shift_what_follows() -> None:
     assert written(f, output("stdout", 0, "\ufffdabc\n", 5), output("stdout", 5, "second\n", 7),
                    output("stdout", 0, "\ufffdabc\nsecond\n", 12)) == [
         ("stdout", "\ufffdabc\n".encode()), ("stdout", b"second\n")]
+
+
+def test_a_first_start_after_pending_is_no_restart() -> None:
+    f = follower.Follower(0)  # followed while pending; then a reconnect finds attempt 1
+    written(f, output("stdout", 0, "a\n"))
+    con = Console(io.TextIOWrapper(io.BytesIO()), io.StringIO())
+    watch._check_attempt({"job_id": "j", "attempt": 1}, f, con)  # type: ignore[typeddict-item]
+    assert (f.attempt, f.written["stdout"]) == (1, 2)  # nothing to print again
+    watch._check_attempt({"job_id": "j", "attempt": 2}, f, con)  # type: ignore[typeddict-item]
+    assert (f.attempt, f.written["stdout"]) == (2, 0)  # a real restart starts over
 
 
 def written(f: follower.Follower, *events: sse.Event) -> list[tuple[str, bytes]]:

@@ -204,10 +204,15 @@ def _cancel(client: api.Client, args: argparse.Namespace, con: Console) -> int:
 
 
 def _logs(client: api.Client, args: argparse.Namespace, con: Console) -> int:
-    if args.json:
+    if args.json:  # the events as they come; -f exits as without --json (no reconnect)
+        end = None
         for event in client.logs(args.job_id, follow=args.follow):
             con.print(_json({"event": event.event, "data": event.json()}))
-        return 0
+            if event.event == "end":
+                end = msgspec.json.decode(event.data, type=follower.End)
+        if not args.follow:
+            return 0
+        return follower.exit_status(end) if end is not None else FAILED
     if not args.follow:
         once = follower.Follower()
         for event in client.logs(args.job_id):

@@ -59,6 +59,9 @@ def follow(client: api.Client, job_id: str, con: Console, attempt: int | None,
 def _check_attempt(state: api.StatusReply, out: follower.Follower, con: Console) -> None:
     if state.get("attempt") == out.attempt:
         return
+    if not out.attempt:  # it was pending (attempt 0): this is its first start, no restart
+        out.attempt = state.get("attempt")
+        return
     if any(out.written.values()):  # (a first start after a pending job is none)
         con.note(f"job {state['job_id']} runs again (attempt {state.get('attempt')}); "
                  "its output starts over")
