@@ -106,6 +106,7 @@ def test_metrics_follow_jobs_agents_and_refusals(tmp_path: pathlib.Path) -> None
         c.agents[0].stop()
         down = scrape_until(c, lambda m: m("gpujobq_agent_connected", host=node) == 0)
         assert down("gpujobq_host_state", host=node, state="down") == 1
+        assert down("gpujobq_gpus", host=node, state="free") == 0
         c.agents[0].start()
         back = scrape_until(c, lambda m: m("gpujobq_agent_connected", host=node) == 1)
         assert back("gpujobq_agent_connects_total", host=node) == 2

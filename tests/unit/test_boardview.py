@@ -100,6 +100,18 @@ def test_probe_waits_behind_the_queue(w: World) -> None:
     assert w.d.run_once() == 0
 
 
+def test_next_to_start_is_the_fair_order_not_the_submission_order(w: World) -> None:
+    w.submit("r1", user="u1", expected_time=100, time_limit=200)
+    w.submit("r2", user="u2", expected_time=100, time_limit=200)
+    w.d.run_once()  # both GPUs taken
+    w.submit("a1", user="u1")
+    w.submit("a2", user="u1")
+    w.submit("b1", user="u3")  # u3 has nothing running: before u1, who has r1 running
+    assert w.d.run_once() == 0  # the pass a submit wakes: no room, the plan is redone
+    assert w.d.next_to_start(10) == ["b1", "a1", "a2"]
+    assert w.d.next_to_start(2) == ["b1", "a1"]
+
+
 def test_probe_on_a_drained_fleet_has_no_estimate(w: World) -> None:
     w.d.apply_inventory(inv(host("a", 2, drain=True)))
     probe = w.d.probe(gpus=2)

@@ -16,7 +16,7 @@ from litestar.datastructures import State
 from prometheus_client import exposition
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.unit.test_dispatcher import World
+from tests.unit.test_dispatcher import World, host, inv
 
 
 def samples(m: metrics.Metrics) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -82,6 +82,19 @@ def test_agent_connections_are_counted_per_host(w: World) -> None:
     w.link.connected = False
     assert value(m, "gpujobq_agent_connected", host="a") == 0
     assert value(m, "gpujobq_host_state", host="a", state="down") == 1
+    # A down host's GPUs can take no job: they count as down, not free.
+    assert (value(m, "gpujobq_gpus", host="a", state="down"),
+            value(m, "gpujobq_gpus", host="a", state="free")) == (2, 0)
+
+
+def test_a_drained_hosts_free_gpus_count_as_drained(w: World) -> None:
+    m = metrics.Metrics(app_state(w))
+    w.d.on_connected(w.link, messages.Hello(host="a", runtime="process"))  # type: ignore[arg-type]
+    w.submit("j1")
+    w.d.run_once()  # j1 takes one GPU
+    w.d.apply_inventory(inv(host("a", 2, drain=True)))
+    assert {s: value(m, "gpujobq_gpus", host="a", state=s)
+            for s in ("free", "busy", "drained")} == {"free": 0, "busy": 1, "drained": 1}
 
 
 def test_a_failed_reload_shows(w: World) -> None:

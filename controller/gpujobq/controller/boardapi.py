@@ -196,11 +196,12 @@ async def board(request: Request[Any, Any, Any]) -> Response[BoardReply]:
     if user is not None:
         jobs = [_board_job(disp, j) for j in svc.store.recent_for_user(user, RECENT)]
     if admin:
+        # Running ones first, then the queue in the order it starts (fair, not by age).
+        waiting = (svc.store.get(job_id, output=False)
+                   for job_id in disp.next_to_start(ADMIN_PENDING))
         active = [_board_job(disp, j) for j in (
             *svc.store.by_status(Status.RUNNING),
-            *svc.store.by_status(Status.PENDING, limit=ADMIN_PENDING))]
-        # Running ones first, then the queue in the order it starts (fair, not by age).
-        active.sort(key=lambda j: j.queue_position or 0)
+            *(j for j in waiting if j is not None and j.status is Status.PENDING))]
     reply = BoardReply(
         now=results.iso(now), user_id=user, admin=admin,
         queue=queue_summary(pending, running, _forecast(request).get(disp), now),

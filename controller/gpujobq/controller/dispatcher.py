@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
 import math
 import pathlib
@@ -407,16 +408,30 @@ class Dispatcher:
         """Where a pending job stands: position, pending reason, estimated start."""
         if job.status is not Status.PENDING:
             return None
-        stale = not self._plan_fresh or self.mono() - self._plan_at > PLAN_MAX_AGE
-        if stale or job.id not in self.plan.waiting:
+        if self._plan_stale() or job.id not in self.plan.waiting:
             # Submitted since the last pass: plan again (placing nothing here).
-            fresh = self._plan(self.store.by_status(Status.RUNNING))
-            self.plan = scheduler.Plan(self.plan.assignments, fresh.waiting)
-            self._plan_fresh, self._plan_at = True, self.mono()
+            fresh = self._replan()
             if any(a.job_id == job.id for a in fresh.assignments):
                 self.wake()  # the next pass starts it
                 return scheduler.Waiting(0, "starting", self.clock())
         return self.plan.waiting.get(job.id)
+
+    def next_to_start(self, limit: int) -> list[str]:
+        """The first ``limit`` pending jobs' ids, in the order they are to start."""
+        if self._plan_stale():
+            self._replan()
+        first = heapq.nsmallest(limit, self.plan.waiting.items(), key=lambda w: w[1].position)
+        return [job_id for job_id, _ in first]
+
+    def _plan_stale(self) -> bool:
+        return not self._plan_fresh or self.mono() - self._plan_at > PLAN_MAX_AGE
+
+    def _replan(self) -> scheduler.Plan:
+        """Positions and estimates again, placing nothing; the fresh plan."""
+        fresh = self._plan(self.store.by_status(Status.RUNNING))
+        self.plan = scheduler.Plan(self.plan.assignments, fresh.waiting)
+        self._plan_fresh, self._plan_at = True, self.mono()
+        return fresh
 
     def probe(self, gpus: int = 1) -> scheduler.Waiting:
         """Where a job asking ``gpus`` GPUs (no labels, no known time limit) of a user with

@@ -28,7 +28,9 @@ from prometheus_client.metrics_core import Metric
 
 log = logging.getLogger(__name__)
 
-GPU_STATES = ("free", "busy", "held", "dirty")  # as fleetview.describe names them
+# fleetview.describe's GPU states, and as the board shows them: a down host's GPUs are
+# "down", a drained host's free ones "drained" (neither can take a job).
+GPU_STATES = ("free", "busy", "held", "dirty", "drained", "down")
 HOST_STATES = ("up", "drained", "down")
 REASONS = frozenset(r.value for r in Reason)
 # Seconds. Waits and runs go from seconds to a day; a dispatch from milliseconds (the
@@ -141,8 +143,9 @@ def fleet_families(source: Source) -> list[Metric]:
 def fleet_metrics(fleet: fleetview.FleetReply) -> list[Metric]:
     """Per host: GPUs by state, the host's state, whether its agent is connected."""
     gpus = GaugeMetricFamily(
-        "gpujobq_gpus", "GPUs by host and state: free, busy (a job runs on it), held (a job "
-        "given up on may still run), dirty (held back by the agent's checks)",
+        "gpujobq_gpus", "GPUs by host and state: free (can take a job now), busy (a job runs "
+        "on it), held (a job given up on may still run), dirty (held back by the agent's "
+        "checks), drained (free, on a drained host), down (its host is down)",
         labels=["host", "state"])
     hosts = GaugeMetricFamily(
         "gpujobq_host_state", "1 for the host's state (up, drained or down), 0 for the others",
@@ -151,7 +154,7 @@ def fleet_metrics(fleet: fleetview.FleetReply) -> list[Metric]:
         "gpujobq_agent_connected", "1 while the SSH link to the host's agent is up",
         labels=["host"])
     for host in fleet.hosts:
-        counts = collections.Counter(g.state for g in host.gpus)
+        counts = collections.Counter(_shown(host.state, g.state) for g in host.gpus)
         for state in GPU_STATES:
             gpus.add_metric([host.name, state], counts[state])
         for state in HOST_STATES:
@@ -161,6 +164,12 @@ def fleet_metrics(fleet: fleetview.FleetReply) -> list[Metric]:
         "gpujobq_inventory_reload_failed", "1 when the last reload of inventory.yaml failed "
         "(the last good inventory stays in use)", value=float(fleet.inventory.error is not None))
     return [gpus, hosts, connected, reload_failed]
+
+
+def _shown(host: str, gpu: str) -> str:
+    if host == "down":
+        return "down"
+    return "drained" if host == "drained" and gpu == "free" else gpu
 
 
 def count_refusal(exc: Exception, scope: Scope) -> None:
