@@ -98,7 +98,7 @@ async def logs_any(request: Request[Any, Any, Any], job_id: str, follow: bool = 
     view follows it)."""
     _admin(request)
     svc = service_of(request)
-    return logs.response(svc, svc.any_job(path_id(job_id)), follow)
+    return logs.response(svc, svc.any_job(path_id(job_id), output=False), follow)
 
 
 @get("/api/admin/users", operation_class=ApiOperation, security=SECURITY,

@@ -7,7 +7,7 @@ import logging
 from typing import Annotated, Any
 
 import msgspec
-from gpujobq.controller import database, errors, logs, results, service, store
+from gpujobq.controller import database, errors, logs, results, scheduler, service, store
 from gpujobq.protocol import jobconfig
 from gpujobq.protocol.states import TERMINAL
 from litestar import Request, Response, get, post
@@ -311,11 +311,19 @@ async def status(
         completed_at=results.iso(job.completed_at), reason=job.reason, detail=job.detail,
         node=job.node,
         attempt=job.attempt, gpus=list(job.gpus), gpu_count=job.gpu_count,
-        queue_position=waiting.position if waiting else None,
-        estimated_start=results.iso(waiting.estimated_start) if waiting else None,
-        pending_reason=waiting.reason if waiting else None,
-        time_limit=job.time_limit, competition_id=job.competition_id, exit_code=job.exit_code,
+        **where_it_waits(waiting), time_limit=job.time_limit,
+        competition_id=job.competition_id, exit_code=job.exit_code,
     )
+
+
+def where_it_waits(waiting: scheduler.Waiting | None) -> dict[str, Any]:
+    """queue_position, estimated_start, pending_reason: as /api/status and the board
+    show them (None for a job that does not wait)."""
+    return {
+        "queue_position": waiting.position if waiting else None,
+        "estimated_start": results.iso(waiting.estimated_start) if waiting else None,
+        "pending_reason": waiting.reason if waiting else None,
+    }
 
 
 @get("/api/results/{job_id:path}", operation_class=ApiOperation, security=SECURITY,

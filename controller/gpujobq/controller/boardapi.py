@@ -24,6 +24,7 @@ from gpujobq.controller.api import (
     error_responses,
     service_of,
     user_of,
+    where_it_waits,
 )
 from gpujobq.protocol.states import Status
 from litestar import Request, Response, get
@@ -170,9 +171,7 @@ def _board_job(disp: dispatcher_mod.Dispatcher, job: store.Job) -> BoardJob:
     return BoardJob(
         job_id=job.id, user_id=job.user_id, status=job.status.value,
         competition_id=job.competition_id, node=job.node, gpus=list(job.gpus),
-        queue_position=waiting.position if waiting else None,
-        estimated_start=results.iso(waiting.estimated_start) if waiting else None,
-        pending_reason=waiting.reason if waiting else None,
+        **where_it_waits(waiting),
         created_at=results.iso(job.created_at), started_at=results.iso(job.started_at),
         completed_at=results.iso(job.completed_at), reason=job.reason,
     )
@@ -189,7 +188,7 @@ async def board(request: Request[Any, Any, Any]) -> Response[BoardReply]:
     disp = svc.dispatcher
     user, admin = _viewer(request)
     fleet = fleetview.describe(disp, request.app.state.reloader, request.app.state.node_ids)
-    pending, running = svc.store.count_active()
+    pending, running, _ = svc.store.queue_stats()
     now = svc.clock()
     jobs: list[BoardJob] = []
     active: list[BoardJob] = []

@@ -38,14 +38,6 @@ REASONS = frozenset(r.value for r in Reason)
 LONG_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 43200, 86400)
 SHORT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
-# One read, through the jobs_status index; oldest by seq (submission order).
-_QUEUE_SQL = (
-    "SELECT (SELECT COUNT(*) FROM jobs WHERE status = 'pending'),"
-    " (SELECT COUNT(*) FROM jobs WHERE status = 'running'),"
-    " (SELECT created_at FROM jobs WHERE status = 'pending' ORDER BY seq LIMIT 1)"
-)
-
-
 class Metrics(dispatcher_mod.Observer):
     """The app's registry: event metrics, fed by the dispatcher, and the state read at
     scrape time from ``state`` (the app's: its service and reloader)."""
@@ -124,7 +116,7 @@ class StateCollector:
 
 
 def queue_families(source: Source) -> list[Metric]:
-    pending, running, oldest = source.dispatcher.store.db.execute(_QUEUE_SQL).fetchone()
+    pending, running, oldest = source.dispatcher.store.queue_stats()
     waited = max(0.0, source.clock() - oldest) if oldest is not None else 0.0
     return [
         GaugeMetricFamily("gpujobq_queue_depth", "Jobs waiting to run (pending)", value=pending),

@@ -134,9 +134,9 @@ class JobService:
         assert fresh is not None
         return fresh
 
-    def any_job(self, job_id: str) -> store.Job:
+    def any_job(self, job_id: str, *, output: bool = True) -> store.Job:
         """For admins: any user's job."""
-        job = self.store.get(job_id)
+        job = self.store.get(job_id, output=output)
         if job is None:
             raise errors.NotFound(NOT_FOUND)
         return job

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 import sqlite_utils
@@ -94,6 +94,12 @@ def _job(row: tuple[Any, ...]) -> Job:
     return Job(*values)
 
 
+class QueueStats(NamedTuple):
+    pending: int
+    running: int
+    oldest_pending: float | None  # created_at of the first job in the queue
+
+
 class Store:
     def __init__(self, db: sqlite_utils.Database, clock: Callable[[], float]) -> None:
         self.db = db
@@ -142,12 +148,15 @@ class Store:
                " ORDER BY seq DESC LIMIT ?) ORDER BY seq DESC")
         return [_job(r) for r in self.db.execute(sql, [user_id, user_id, limit])]
 
-    def count_active(self) -> tuple[int, int]:
-        """How many jobs are pending, and how many running."""
-        counts = dict(self.db.execute(
-            "SELECT status, COUNT(*) FROM jobs WHERE status IN ('pending', 'running')"
-            " GROUP BY status").fetchall())
-        return counts.get("pending", 0), counts.get("running", 0)
+    def queue_stats(self) -> QueueStats:
+        """How many jobs wait and run, and when the first waiting one was submitted: one
+        read through the status index (the board's and /metrics')."""
+        pending, running, oldest = self.db.execute(
+            "SELECT (SELECT COUNT(*) FROM jobs WHERE status = 'pending'),"
+            " (SELECT COUNT(*) FROM jobs WHERE status = 'running'),"
+            " (SELECT created_at FROM jobs WHERE status = 'pending' ORDER BY seq LIMIT 1)"
+        ).fetchone()
+        return QueueStats(pending, running, oldest)
 
     def by_idempotency_key(self, user_id: str, key: str) -> Job | None:
         row = self.db.execute(

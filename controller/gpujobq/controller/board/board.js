@@ -396,7 +396,13 @@
         { headers: { ...authHeaders(), Accept: "text/event-stream" }, signal: abort.signal,
           cache: "no-store" });
       if (!response.ok) {
-        $("log-status").textContent = "Cannot show this log: " + (await detailOf(response));
+        const detail = await detailOf(response);
+        if (response.status >= 500) { // the controller stopping, storage full: try again
+          $("log-status").textContent = "Log unavailable (" + detail + "); retrying…";
+          setTimeout(() => { if (logAbort === abort) openLog(jobId, owner); }, POLL_MS);
+        } else {
+          $("log-status").textContent = "Cannot show this log: " + detail;
+        }
         return;
       }
       $("log-status").textContent = "Live: output appears as the job prints.";
