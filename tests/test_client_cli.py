@@ -135,7 +135,7 @@ class Running:
         for reader in self.readers:
             reader.join(timeout)
         for name, lines in self.lines.items():
-            while (line := lines.get_nowait()) is not None:
+            while (line := lines.get(timeout=timeout)) is not None:  # its reader's end
                 self.seen[name].append(line)
         return code, "".join(self.seen["stdout"]), "".join(self.seen["stderr"])
 
