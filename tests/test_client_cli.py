@@ -191,6 +191,27 @@ def test_json_logs_follow_exits_with_the_jobs_code(gq: Gq) -> None:
     assert gq("logs", "--json", job_id).returncode == 0  # without -f: what there is
 
 
+def test_artifacts_are_listed_and_fetched(gq: Gq, tmp_path: pathlib.Path) -> None:
+    gq.job("import os, pathlib\nout = pathlib.Path(os.environ['GPUJOBQ_OUTPUT'])\n"
+           "(out / 'plots').mkdir()\n(out / 'plots' / 'loss.csv').write_text('1,0.5\\n')\n"
+           "(out / 'model.bin').write_bytes(bytes(range(256)))\n")
+    done = gq("submit", "solution.py", "config.yaml")
+    assert done.returncode == 0, done.stderr
+    job_id = re.search(r"job (\S+) submitted", done.stderr).group(1)  # type: ignore[union-attr]
+    listed = gq("artifacts", job_id)
+    assert (listed.returncode, listed.stdout.split()) == (
+        0, ["NAME", "SIZE", "model.bin", "256", "plots/loss.csv", "6"])
+    fetched = gq("artifacts", job_id, "-o", str(tmp_path / "got"))
+    assert fetched.returncode == 0, fetched.stderr
+    assert (tmp_path / "got" / "model.bin").read_bytes() == bytes(range(256))
+    assert (tmp_path / "got" / "plots" / "loss.csv").read_text() == "1,0.5\n"
+    one = gq("artifacts", "--json", job_id, "model.bin", "-o", str(tmp_path / "one"))
+    assert json.loads(one.stdout) == [str(tmp_path / "one" / "model.bin")]
+    missing = gq("artifacts", job_id, "nope.txt")
+    assert (missing.returncode, missing.stderr) == (
+        2, f"gpujobq: job {job_id} has no artifact named nope.txt\n")
+
+
 def test_a_waiting_job_shows_its_place_in_the_queue(gq: Gq) -> None:
     holder = gq.submit_held()
     gq.job("print('my turn')", name="next.py")

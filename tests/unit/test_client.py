@@ -365,3 +365,10 @@ def test_a_refusal_in_words() -> None:
         "Invalid or expired token (HTTP 401); the token is from $GPUJOBQ_TOKEN")
     assert cli._describe(api.Unreachable("cannot reach http://h:1"), None) == (
         "cannot reach http://h:1")
+
+
+@pytest.mark.parametrize("name", ["../x", "/etc/passwd", "a/../../b", "..", "", "."])
+def test_an_artifact_name_never_leaves_the_folder(name: str, tmp_path: pathlib.Path) -> None:
+    with pytest.raises(api.BadAnswer):
+        cli._inside(tmp_path, name)
+    assert cli._inside(tmp_path, "plots/loss.csv") == tmp_path / "plots" / "loss.csv"

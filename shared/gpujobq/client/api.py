@@ -52,6 +52,20 @@ class StatusReply(TypedDict):
     exit_code: NotRequired[int | None]
 
 
+class ArtifactItem(TypedDict):
+    name: str  # a "/"-separated path below the job's output folder
+    size: int
+
+
+class ArtifactsReply(TypedDict):
+    """GET /api/artifacts/{job_id}: the files the job left in its output folder."""
+
+    job_id: str
+    status: str
+    final: bool  # the job has ended: the list will not change
+    files: list[ArtifactItem]
+
+
 class JobItem(TypedDict):
     job_id: str
     status: str
@@ -159,6 +173,16 @@ class Client:
     def cancel(self, job_id: str) -> CancelReply:
         reply: CancelReply = _typed(self._call("POST", _job_path("cancel", job_id)), CancelReply)
         return reply
+
+    def artifacts(self, job_id: str) -> ArtifactsReply:
+        reply: ArtifactsReply = _typed(self._call("GET", _job_path("artifacts", job_id)),
+                                       ArtifactsReply)
+        return reply
+
+    def artifact(self, job_id: str, name: str) -> bytes:
+        """One file of the job's output folder (``name`` as ``artifacts`` lists it)."""
+        path = f"{_job_path('artifacts', job_id)}/{urllib.parse.quote(name, safe='/')}"
+        return self._call("GET", path).content
 
     def logs(self, job_id: str, *, follow: bool = False) -> Iterator[sse.Event]:
         """The job's output as events (``output``, ``restart``, ``end``). ``follow``: until

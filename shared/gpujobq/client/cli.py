@@ -91,6 +91,14 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("job_ids", nargs="+", metavar="JOB_ID")
     c.set_defaults(run=_cancel)
 
+    a = sub.add_parser("artifacts", parents=[common],
+                       help="files a job left in its output folder: list, or -o DIR to fetch")
+    a.add_argument("job_id", metavar="JOB_ID")
+    a.add_argument("names", nargs="*", metavar="NAME", help="only these files")
+    a.add_argument("-o", "--output", type=pathlib.Path, metavar="DIR",
+                   help="download them into DIR (made if missing), keeping their folders")
+    a.set_defaults(run=_artifacts)
+
     lg = sub.add_parser("logs", parents=[common], help="a job's output (-f: until it ends)")
     lg.add_argument("job_id", metavar="JOB_ID")
     lg.add_argument("-f", "--follow", action="store_true",
@@ -201,6 +209,42 @@ def _cancel(client: api.Client, args: argparse.Namespace, con: Console) -> int:
     for answer in done:
         con.print(_json(answer) if args.json else f"{answer['job_id']} {answer['status']}")
     return FAILED if failed else 0
+
+
+def _artifacts(client: api.Client, args: argparse.Namespace, con: Console) -> int:
+    listed = client.artifacts(args.job_id)
+    files = listed["files"]
+    if args.names:
+        known = {f["name"] for f in files}
+        missing = [n for n in args.names if n not in known]
+        if missing:
+            con.note(f"job {args.job_id} has no artifact named {', '.join(missing)}")
+            return FAILED
+        files = [f for f in files if f["name"] in args.names]
+    if not listed["final"]:
+        con.note(f"job {args.job_id} is {listed['status']}: its files are kept when it ends")
+    if args.output is None:
+        con.print(_json(listed) if args.json else display.artifacts_table(files))
+        return 0
+    saved = []
+    for item in files:
+        target = _inside(args.output, item["name"])
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(client.artifact(args.job_id, item["name"]))
+        saved.append(str(target))
+        if not args.json:
+            con.print(str(target))
+    if args.json:
+        con.print(_json(saved))
+    return 0
+
+
+def _inside(folder: pathlib.Path, name: str) -> pathlib.Path:
+    """Where a job-chosen name lands below ``folder``; never outside it."""
+    parts = pathlib.PurePosixPath(name).parts
+    if not parts or name.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise api.BadAnswer(f"refusing to write an artifact named {name!r}")
+    return folder.joinpath(*parts)
 
 
 def _logs(client: api.Client, args: argparse.Namespace, con: Console) -> int:

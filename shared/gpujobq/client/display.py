@@ -139,3 +139,13 @@ def ending(job_id: str, status: str, exit_code: int | None, why: str | None) -> 
               "cancelled_by_user": "cancelled", "node_lost": "its host was lost too often",
               "infra_error": "the platform could not run it"}.get(why or "", why or "")
     return f"job {job_id} {status}" + (f": {detail}" if detail and detail != status else "")
+
+
+def artifacts_table(files: list[Any]) -> str:
+    """NAME and SIZE (bytes) of a job's files, as `gpujobq artifacts` lists them."""
+    if not files:
+        return "(no files)"
+    width = max(len("NAME"), *(len(f["name"]) for f in files))
+    lines = [f"{'NAME':<{width}}  {'SIZE':>10}"]
+    lines += [f"{f['name']:<{width}}  {f['size']:>10}" for f in files]
+    return "\n".join(lines)
