@@ -295,6 +295,7 @@ def test_the_board_in_chromium(own_scene: Scene, browser: Browser) -> None:
         users_view_with_a_live_log(page, s)
         admin_view(page, s)
         live_refresh(page, s)
+        files_of_an_ended_job(page, s)
         narrow_screen(browser, s, url)
     finally:
         context.close()
@@ -390,6 +391,27 @@ def live_refresh(page: Page, s: Scene) -> None:
     expect(page.locator(f"#active tr[data-job='{b1}']")).to_have_count(0)
     assert page.evaluate("window.__stillTheSamePage") is True
     screenshot(page, "after-job-ended")
+
+
+def files_of_an_ended_job(page: Page, s: Scene) -> None:
+    """A finished job's log lists the files it wrote; one downloads with the token."""
+    code = ("import os, pathlib\nout = pathlib.Path(os.environ['GPUJOBQ_OUTPUT'])\n"
+            "(out / 'plots').mkdir()\n(out / 'plots' / 'loss.csv').write_text('1,0.5\\n')\n"
+            "print('done')\n")
+    body = s.c.submit(s.alice, code)
+    assert body.json()["status"] == "completed", body.text
+    job_id = body.json()["job_id"]
+    page.click("#forget")
+    sign_in(page, s.alice)
+    page.locator(f"#jobs tr[data-job='{job_id}']").click(timeout=WAIT_MS)
+    files = page.locator("#log-files-list li")
+    expect(files).to_have_count(1, timeout=WAIT_MS)
+    expect(files).to_have_text("plots/loss.csv 6 B")
+    with page.expect_download(timeout=WAIT_MS) as download:
+        files.locator("button").click()
+    assert download.value.suggested_filename == "loss.csv"
+    assert pathlib.Path(download.value.path()).read_text() == "1,0.5\n"
+    screenshot(page, "files")
 
 
 def narrow_screen(browser: Browser, s: Scene, url: str) -> None:

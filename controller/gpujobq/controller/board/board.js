@@ -273,6 +273,7 @@
 
   const encoder = new TextEncoder();
   let logJob = null;
+  let logOwner = null; // whose job the open log is (artifacts are shown for one's own)
   let logAbort = null;
   let segments = []; // {stream, offset, bytes, span}, in arrival order
   let ends = { stdout: 0, stderr: 0 }; // byte offset where each stream's text ends
@@ -320,6 +321,54 @@
     segments = [];
     ends = { stdout: 0, stderr: 0 };
     $("log-text").replaceChildren();
+    $("log-files").hidden = true;
+  }
+
+  // ---- a finished job's files (/api/artifacts: the token's own jobs) ---------------
+
+  function sizeText(bytes) {
+    if (bytes < 1024) return bytes + " B";
+    if (bytes < 1024 * 1024) return (bytes / 1024).toFixed(1) + " KiB";
+    return (bytes / 1024 / 1024).toFixed(1) + " MiB";
+  }
+
+  function artifactPath(jobId, name) {
+    return "/api/artifacts/" + encodeURIComponent(jobId) +
+      (name === undefined ? "" : "/" + name.split("/").map(encodeURIComponent).join("/"));
+  }
+
+  async function showFiles(jobId) {
+    let listed;
+    try {
+      const response = await fetch(artifactPath(jobId),
+        { headers: authHeaders(), cache: "no-store" });
+      if (!response.ok) return;
+      listed = await response.json();
+    } catch (_) {
+      return;
+    }
+    if (logJob !== jobId || !listed.files.length) return;
+    $("log-files-list").replaceChildren(...listed.files.map((file) => el("li", {},
+      el("button", { type: "button", class: "file", onclick: () => download(jobId, file.name) },
+        file.name),
+      " " + sizeText(file.size))));
+    $("log-files").hidden = false;
+  }
+
+  // The file comes with the token (a plain link could not send it), then is saved.
+  async function download(jobId, name) {
+    const response = await fetch(artifactPath(jobId, name),
+      { headers: authHeaders(), cache: "no-store" });
+    if (!response.ok) {
+      showError("Download failed: " + (await detailOf(response)));
+      return;
+    }
+    const url = URL.createObjectURL(await response.blob());
+    const link = el("a", { href: url, download: name.split("/").pop() });
+    document.body.append(link);
+    link.click();
+    link.remove();
+    setTimeout(() => URL.revokeObjectURL(url), 60000);
   }
 
   function onEvent(kind, text) {
@@ -339,6 +388,7 @@
       const code = data.exit_code === null ? "" : ", exit code " + data.exit_code;
       $("log-status").textContent = "Ended: " + data.status + code +
         (data.reason ? " (" + data.reason + ")" : "") + ".";
+      if (logOwner === null || logOwner === me) showFiles(logJob);
       return "end";
     }
     return null;
@@ -383,6 +433,7 @@
   async function openLog(jobId, owner) {
     closeLog();
     logJob = jobId;
+    logOwner = owner || null;
     const abort = new AbortController();
     logAbort = abort;
     $("log").hidden = false;
