@@ -237,32 +237,30 @@
     return row;
   }
 
-  function renderJobs(jobs) {
-    const rows = jobs.map((job) => jobRow(job, [
+  // A job's row: the admin's list adds its user; a user's own list adds the reason.
+  function jobCells(job, withUser) {
+    return [
       el("td", {}, el("code", {}, shortId(job.job_id))),
+      withUser ? el("td", {}, job.user_id) : null,
       statusCell(job),
       el("td", {}, job.queue_position === null ? "–" : String(job.queue_position)),
       el("td", {}, job.status === "pending" ? relative(job.estimated_start) : "–"),
       el("td", {}, where(job)),
       el("td", {}, job.competition_id),
       el("td", {}, job.started_at ? clock(job.started_at) : "–"),
-      el("td", { class: "reason" }, job.pending_reason || job.reason || ""),
-    ], true));
+      withUser ? null : el("td", { class: "reason" }, job.pending_reason || job.reason || ""),
+    ].filter((cell) => cell !== null);
+  }
+
+  function renderJobs(jobs) {
+    const rows = jobs.map((job) => jobRow(job, jobCells(job, false), true));
     $("jobs").tBodies[0].replaceChildren(...rows);
     $("jobs-empty").hidden = rows.length > 0;
   }
 
   function renderActive(jobs) {
-    const rows = jobs.map((job) => jobRow(job, [
-      el("td", {}, el("code", {}, shortId(job.job_id))),
-      el("td", {}, job.user_id),
-      statusCell(job),
-      el("td", {}, job.queue_position === null ? "–" : String(job.queue_position)),
-      el("td", {}, job.status === "pending" ? relative(job.estimated_start) : "–"),
-      el("td", {}, where(job)),
-      el("td", {}, job.competition_id),
-      el("td", {}, job.started_at ? clock(job.started_at) : "–"),
-    ], true)); // an admin follows anyone's job through /api/admin/logs
+    // An admin follows anyone's job (through /api/admin/logs).
+    const rows = jobs.map((job) => jobRow(job, jobCells(job, true), true));
     $("active").tBodies[0].replaceChildren(...rows);
     $("active-empty").hidden = rows.length > 0;
   }
