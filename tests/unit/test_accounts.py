@@ -119,3 +119,35 @@ def test_log_records_never_carry_a_token(caplog: pytest.LogCaptureFixture) -> No
         assert record.getMessage() == '127.0.0.1 "GET /api/jobs?token=gjq_[redacted]" 200'
     finally:
         logger.removeHandler(handler)
+
+
+def test_kept_tokens_forget_what_another_connection_changes(tmp_path: pathlib.Path) -> None:
+    """The controller keeps the tokens it accepted; the admin commands write the database
+    from another process, and the very next request sees what they changed."""
+    served = database.open_database(tmp_path / "t.db")
+    admin = database.open_database(tmp_path / "t.db")  # another connection: the CLI's
+    accounts.add_user(admin, "bob", NOW)
+    token = accounts.issue_token(admin, "bob", NOW, days=1)
+    auth = accounts.Authenticator(served)
+    assert auth(token, NOW) == "bob"
+    assert auth(token, NOW + 86400) is None  # a kept token still expires on time
+    assert auth("gjq_" + "0" * 12 + "_" + "x" * 43, NOW) is None
+    accounts.revoke_token(admin, accounts.token_id(admin, token) or "", NOW)
+    assert auth(token, NOW) is None  # revoked elsewhere: refused at once
+    token = accounts.issue_token(admin, "bob", NOW, days=1)
+    assert auth(token, NOW) == "bob"
+    accounts.set_disabled(admin, "bob", NOW)
+    assert auth(token, NOW) is None  # disabled elsewhere: refused at once
+    accounts.set_disabled(admin, "bob", None)
+    assert auth(token, NOW) == "bob"
+
+
+def test_kept_tokens_are_what_is_used(tmp_path: pathlib.Path) -> None:
+    served = database.open_database(tmp_path / "t.db")
+    accounts.add_user(served, "bob", NOW)
+    token = accounts.issue_token(served, "bob", NOW, days=1)
+    auth = accounts.Authenticator(served)
+    assert auth(token, NOW) == "bob"
+    served.execute("DELETE FROM tokens")  # on its own connection: no version change
+    assert auth(token, NOW) == "bob"  # answered from memory, no query
+    assert accounts.authenticate(served, token, NOW) is None

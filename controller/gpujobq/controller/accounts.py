@@ -127,25 +127,66 @@ def issue_token(db: sqlite_utils.Database, user_id: str, now: float, days: float
 
 def authenticate(db: sqlite_utils.Database, token: str, now: float) -> str | None:
     """The user a valid, unexpired, unrevoked token of an enabled user belongs to."""
+    found = _lookup(db, token, now)
+    return None if found is None else found[0]
+
+
+def _lookup(db: sqlite_utils.Database, token: str, now: float) -> tuple[str, float] | None:
+    """(user, expires_at) of a valid token, or None."""
     digest = _digest(token)
     match = _TOKEN.match(token)
     if match:
         row = db.execute(
-            "SELECT t.user_id, t.hash FROM tokens t JOIN users u ON u.id = t.user_id"
-            " WHERE t.id = ? AND t.revoked_at IS NULL AND t.expires_at > ?"
-            " AND u.disabled_at IS NULL", [match[1], now],
+            "SELECT t.user_id, t.hash, t.expires_at FROM tokens t"
+            " JOIN users u ON u.id = t.user_id WHERE t.id = ? AND t.revoked_at IS NULL"
+            " AND t.expires_at > ? AND u.disabled_at IS NULL", [match[1], now],
         ).fetchone()
     else:
         # Tokens issued before ids were part of them (``gjq_`` + 43 characters): found
         # by digest, which does not depend on how much of a guess matches either.
         row = db.execute(
-            "SELECT t.user_id, t.hash FROM tokens t JOIN users u ON u.id = t.user_id"
-            " WHERE t.hash = ? AND t.revoked_at IS NULL AND t.expires_at > ?"
-            " AND u.disabled_at IS NULL", [digest, now],
+            "SELECT t.user_id, t.hash, t.expires_at FROM tokens t"
+            " JOIN users u ON u.id = t.user_id WHERE t.hash = ? AND t.revoked_at IS NULL"
+            " AND t.expires_at > ? AND u.disabled_at IS NULL", [digest, now],
         ).fetchone()
     # Compared even when nothing was found, so both refusals take the same path.
     same = hmac.compare_digest(row[1] if row else _NOTHING, digest)
-    return str(row[0]) if row is not None and same else None
+    return (str(row[0]), float(row[2])) if row is not None and same else None
+
+
+class Authenticator:
+    """authenticate() with the tokens it accepted kept in memory, so a request costs a
+    digest and a dict lookup instead of a query.
+
+    Users and tokens change only through the admin commands, which write the database
+    from another process: any write by another connection bumps SQLite's
+    ``PRAGMA data_version``, and the cache is emptied before it is used again. A revoked
+    token or a disabled user is refused from the next request on, as without the cache.
+    A kept token still expires on time; refusals are never kept.
+    """
+
+    MAX = 100_000  # tokens kept; past it the cache starts over
+
+    def __init__(self, db: sqlite_utils.Database) -> None:
+        self.db = db
+        self._valid: dict[str, tuple[str, float]] = {}  # digest -> (user, expires_at)
+        self._version: int | None = None
+
+    def __call__(self, token: str, now: float) -> str | None:
+        version = self.db.conn.execute("PRAGMA data_version").fetchone()[0]
+        if version != self._version:
+            self._valid.clear()
+            self._version = version
+        kept = self._valid.get(_digest(token))
+        if kept is not None and now < kept[1]:
+            return kept[0]
+        found = _lookup(self.db, token, now)
+        if found is None:
+            return None
+        if len(self._valid) >= self.MAX:
+            self._valid.clear()
+        self._valid[_digest(token)] = found
+        return found[0]
 
 
 def token_id(db: sqlite_utils.Database, token: str) -> str | None:

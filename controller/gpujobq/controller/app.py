@@ -117,6 +117,8 @@ def create_app(settings: Settings) -> Litestar:
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         clock = time.time
         db = database.open_database(settings.database)
+        checkpoints = database.Checkpointer(settings.database)
+        checkpoints.take_over(db)
         jobs = store.Store(db, clock)
         disp = dispatcher.Dispatcher(store=jobs, settings=settings, inventory=inv,
                                      link_factory=links, clock=clock)
@@ -136,7 +138,8 @@ def create_app(settings: Settings) -> Litestar:
         app.state.loop = asyncio.get_running_loop()
         app.state.node_ids = jobs.node_ids(h.name for h in inv.hosts)
         tasks = [asyncio.create_task(disp.run(), name="dispatcher"),
-                 asyncio.create_task(reloader.watch(settings.inventory_poll), name="inventory")]
+                 asyncio.create_task(reloader.watch(settings.inventory_poll), name="inventory"),
+                 asyncio.create_task(checkpoints.run(), name="checkpoints")]
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, reloader.reload_quietly)
         log.info("controller up: %d agent host(s) in %s", len(inv.hosts), settings.inventory)

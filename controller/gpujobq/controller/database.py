@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import pathlib
 import sqlite3
@@ -19,6 +20,7 @@ import sqlite_utils
 from gpujobq.controller import errors
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 # The current schema, for a new file. A change to it is also a step in MIGRATIONS.
 SCHEMA = """
@@ -293,6 +295,58 @@ class GroupCommit:
                 done.set_result(value)
             else:
                 done.set_exception(exc)
+
+
+# ---- checkpoints ------------------------------------------------------------------------
+
+CHECKPOINT_EVERY = 1.0  # seconds between background checkpoints
+# Past this many WAL pages (~80 MiB) a COMMIT checkpoints by itself after all, as SQLite
+# does by default past 1,000: the WAL stays bounded if the background one falls behind.
+BACKSTOP_PAGES = 20_000
+
+
+class Checkpointer:
+    """Copies the WAL back into the database file from a thread, on a connection of its
+    own, so that a COMMIT on the event loop only appends to the WAL.
+
+    By default SQLite checkpoints inside the COMMIT that takes the WAL past 1,000 pages:
+    the event loop would copy and fsync megabytes every few hundred jobs. PASSIVE
+    checkpoints never block the writer or readers; once one has copied everything, the
+    next write starts the WAL over from its beginning, so it does not grow.
+    """
+
+    def __init__(self, path: pathlib.Path, every: float = CHECKPOINT_EVERY) -> None:
+        self.path = path
+        self.every = every
+        self.runs = 0
+
+    def take_over(self, db: sqlite_utils.Database) -> None:
+        """The serving connection leaves checkpoints to this one (but for the backstop)."""
+        db.execute(f"PRAGMA wal_autocheckpoint = {BACKSTOP_PAGES}")
+
+    async def run(self) -> None:
+        conn = await asyncio.to_thread(
+            sqlite3.connect, self.path, isolation_level=None, timeout=10.0,
+            check_same_thread=False)
+        pending: asyncio.Future[tuple[int, int, int]] | None = None
+        try:
+            while True:
+                await asyncio.sleep(self.every)
+                pending = asyncio.ensure_future(asyncio.to_thread(self.once, conn))
+                try:
+                    await asyncio.shield(pending)
+                except sqlite3.Error as exc:  # a busy or full disk: tried again next time
+                    log.warning("background checkpoint failed: %s", exc)
+        finally:
+            if pending is not None:  # never close the connection under a running checkpoint
+                await asyncio.wait([pending])
+            conn.close()
+
+    def once(self, conn: sqlite3.Connection) -> tuple[int, int, int]:
+        """One PASSIVE checkpoint: (busy, WAL pages, pages copied)."""
+        self.runs += 1
+        busy, pages, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        return int(busy), int(pages), int(copied)
 
 
 # ---- failures of the storage ------------------------------------------------------------

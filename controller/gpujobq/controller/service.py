@@ -37,6 +37,7 @@ class JobService:
         self.clock = clock
         self.stopping = False  # set on SIGTERM: no new jobs, waiters answer at once
         self.commits = database.GroupCommit(store.db)
+        self._authenticate = accounts.Authenticator(store.db)
         # _runnable's verdicts: (GPUs, labels) -> (dispatcher.fleet_version, why never)
         self._never: dict[tuple[int, tuple[tuple[str, str], ...]], tuple[int, str | None]] = {}
         self.limits = ratelimit.Limits(
@@ -45,7 +46,7 @@ class JobService:
         )
 
     def authenticate(self, token: str | None) -> str:
-        user = accounts.authenticate(self.store.db, token, self.clock()) if token else None
+        user = self._authenticate(token, self.clock()) if token else None
         if user is None:
             raise errors.Unauthorized("Invalid or expired token")
         return user
