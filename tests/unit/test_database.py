@@ -125,7 +125,7 @@ def shape(db: database.sqlite_utils.Database) -> dict[str, object]:
 
 def test_a_new_file_gets_the_current_schema_and_version(tmp_path: pathlib.Path) -> None:
     db = database.open_database(tmp_path / "new.db")
-    assert database.VERSION == 4
+    assert database.VERSION == 5
     assert database.version(db) == database.VERSION
     assert db.execute("PRAGMA user_version").fetchone()[0] == database.VERSION
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -205,15 +205,15 @@ def test_each_step_commits_on_its_own_and_a_failing_step_rolls_back(
 ) -> None:
     def broken(db: database.sqlite_utils.Database) -> None:
         db.execute("CREATE TABLE half_done (x)")
-        raise RuntimeError("step 5 failed")
+        raise RuntimeError("step 6 failed")
 
     path = tmp_path / "v1.db"
     v1_file(path)
     monkeypatch.setattr(database, "MIGRATIONS", (*database.MIGRATIONS, broken))
-    monkeypatch.setattr(database, "VERSION", 5)
-    with pytest.raises(RuntimeError, match="step 5 failed"):
+    monkeypatch.setattr(database, "VERSION", 6)
+    with pytest.raises(RuntimeError, match="step 6 failed"):
         database.open_database(path)
-    assert user_version(path) == 4  # steps 2 to 4 are kept, step 5 left nothing behind
+    assert user_version(path) == 5  # steps 2 to 5 are kept, step 6 left nothing behind
     conn = sqlite3.connect(path)
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
     conn.close()

@@ -131,6 +131,25 @@ def test_limits_lowered_below_what_a_user_has_still_give_the_exact_wait(
     assert info.value.headers == {"Retry-After": "57"}  # j3, made 3 s before now
 
 
+def test_limits_are_counted_through_the_active_jobs_index(jobs: store.Store) -> None:
+    """A user with a long history submits at the cost of one with none: the active-job
+    count reads the partial index of pending and running jobs, never the history."""
+    for i in range(30):
+        finish(jobs, running(jobs, f"old{i}").id, 1)
+    seen: list[str] = []
+    jobs.db.conn.set_trace_callback(seen.append)
+    try:
+        submit(jobs, "new")
+    finally:
+        jobs.db.conn.set_trace_callback(None)
+    count = next(sql for sql in seen if "COUNT(*)" in sql)
+    plan = " | ".join(r[3] for r in jobs.db.execute(f"EXPLAIN QUERY PLAN {count}"))
+    assert "USING INDEX jobs_user_active" in plan, plan
+    assert "SCAN jobs" not in plan, plan
+    # Under both limits no row is read for the verdict.
+    assert not any("ORDER BY COALESCE" in sql for sql in seen)
+
+
 def test_idempotency_key_returns_same_job(jobs: store.Store) -> None:
     first, created = jobs.submit(new("j1", key="k"), LIMITS)
     again, created_again = jobs.submit(new("j2", key="k"), LIMITS)

@@ -766,7 +766,7 @@ class Dispatcher:
     def _exited(self, link: agents.Link, msg: messages.Exited) -> None:
         self._set_dirty(link, msg.dirty)
         self.lingering.pop((msg.job_id, msg.attempt), None)
-        job = self.store.get(msg.job_id)
+        job = self.store.get(msg.job_id, output=False)  # a running job has none stored
         if (
             job is not None and job.status is Status.RUNNING
             and job.attempt == msg.attempt and job.node == link.name

@@ -230,31 +230,19 @@ class Store:
                 job = self.get(row[0])
                 assert job is not None
                 return job, False
-        # Only what the verdict needs: the `active` jobs that end first (the earliest
-        # gives Retry-After) and the `submits` latest submissions in the window (the
-        # oldest of them leaves it first); a user with many jobs costs no more.
-        active = [
-            ratelimit.ActiveJob(*r)
-            for r in self.db.execute(
-                "SELECT expected_time, started_at FROM jobs"
-                " WHERE user_id = ? AND status IN ('pending', 'running')"
-                " ORDER BY COALESCE(started_at, ?) + expected_time LIMIT ?",
-                [new.user_id, now, limits.active],
-            )
-        ]
-        recent = [
-            r[0]
-            for r in self.db.execute(
-                "SELECT created_at FROM jobs WHERE user_id = ? AND created_at > ?"
-                " ORDER BY created_at DESC LIMIT ?",
-                [new.user_id, now - limits.window, limits.submits],
-            )
-        ]
-        refusal = ratelimit.check(limits, active, recent, now)
-        if refusal is not None:
-            raise errors.RateLimited(
-                refusal.detail, headers={"Retry-After": str(refusal.retry_after)}
-            )
+        # Counted first, through indexes, without reading a row (the usual case: under
+        # both limits). At a limit, only what the verdict needs: the `active` jobs that
+        # end first (the earliest gives Retry-After) and the `submits` latest submissions
+        # in the window (the oldest of them leaves it first).
+        n_active, n_recent = self.db.execute(
+            "SELECT (SELECT COUNT(*) FROM (SELECT 1 FROM jobs WHERE user_id = ?"
+            " AND status IN ('pending', 'running') LIMIT ?)),"
+            " (SELECT COUNT(*) FROM (SELECT 1 FROM jobs WHERE user_id = ? AND created_at > ?"
+            " LIMIT ?))",
+            [new.user_id, limits.active, new.user_id, now - limits.window, limits.submits],
+        ).fetchone()
+        if n_active >= limits.active or n_recent >= limits.submits:
+            self._refuse(new.user_id, limits, now)
         row = self.db.execute(
             "INSERT INTO jobs (id, user_id, competition_id, project_id, expected_time,"
             " time_limit, status, code, config, gpu_count, idempotency_key, created_at)"
@@ -265,6 +253,31 @@ class Store:
         ).fetchone()
         self._event(new.id, 0, None, Status.PENDING, now, "submitted", None)
         return _job(row), True
+
+    def _refuse(self, user_id: str, limits: ratelimit.Limits, now: float) -> None:
+        """At a limit: raise RateLimited with the verdict's detail and Retry-After."""
+        active = [
+            ratelimit.ActiveJob(*r)
+            for r in self.db.execute(
+                "SELECT expected_time, started_at FROM jobs"
+                " WHERE user_id = ? AND status IN ('pending', 'running')"
+                " ORDER BY COALESCE(started_at, ?) + expected_time LIMIT ?",
+                [user_id, now, limits.active],
+            )
+        ]
+        recent = [
+            r[0]
+            for r in self.db.execute(
+                "SELECT created_at FROM jobs WHERE user_id = ? AND created_at > ?"
+                " ORDER BY created_at DESC LIMIT ?",
+                [user_id, now - limits.window, limits.submits],
+            )
+        ]
+        refusal = ratelimit.check(limits, active, recent, now)
+        if refusal is not None:
+            raise errors.RateLimited(
+                refusal.detail, headers={"Retry-After": str(refusal.retry_after)}
+            )
 
     # ---- transitions -------------------------------------------------------------------
 
