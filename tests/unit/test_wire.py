@@ -140,3 +140,29 @@ def test_directions_do_not_mix() -> None:
         wire.decode_up(wire.encode(DOWN[1]))
     with pytest.raises(ProtocolError):
         wire.decode_down(wire.encode(UP[0]))
+
+
+async def test_messages_of_one_turn_leave_in_one_write_in_order() -> None:
+    writes: list[bytes] = []
+    outbox = wire.Outbox(lambda data: writes.append(bytes(data)), "test")
+    for msg in DOWN:
+        outbox.send(msg)
+    assert writes == []  # nothing before the turn ends
+    await asyncio.sleep(0)
+    assert len(writes) == 1
+    assert [wire.decode_down(b) for b in wire.Frames().feed(writes[0])] == DOWN
+    outbox.send(DOWN[2])  # a later turn: a write of its own
+    await asyncio.sleep(0)
+    assert [wire.decode_down(b) for b in wire.Frames().feed(writes[1])] == [DOWN[2]]
+
+
+async def test_a_failing_write_is_logged_not_raised(caplog: pytest.LogCaptureFixture) -> None:
+    def closed(data: bytes | bytearray) -> None:
+        raise BrokenPipeError("channel closed")
+
+    outbox = wire.Outbox(closed, "agent a1")
+    outbox.send(DOWN[1])
+    outbox.send(DOWN[2])
+    with caplog.at_level("INFO"):
+        await asyncio.sleep(0)
+    assert "agent a1: 2 message(s) not sent: channel closed" in caplog.text

@@ -19,6 +19,7 @@ from gpujobq.protocol import messages, wire
 log = logging.getLogger(__name__)
 
 VERBS = ("hello", "jobs")
+READ_CHUNK = 1 << 20  # bytes of the job channel read at once
 
 
 class _KeyOnly(asyncssh.SSHServer):
@@ -94,14 +95,18 @@ class AgentServer:
             process.exit(1)
 
     async def _jobs(self, process: asyncssh.SSHServerProcess[bytes]) -> None:
-        def send(msg: messages.Up) -> None:
-            process.stdout.write(wire.frame(msg))
-
+        outbox = wire.Outbox(process.stdout.write, "controller channel")
+        send = outbox.send
         self.agent.attach(send)
         beats = asyncio.create_task(self._heartbeats(send))
+        frames = wire.Frames()
         try:
-            while (body := await wire.read_frame(process.stdin)) is not None:
-                self._apply(body)
+            # Whatever has arrived is read at once: a burst of messages costs one read.
+            while chunk := await process.stdin.read(READ_CHUNK):
+                for body in frames.feed(chunk):
+                    self._apply(body)
+            if frames.partial:
+                raise messages.ProtocolError("job channel ended inside a frame")
         except messages.ProtocolError as exc:
             log.warning("closing job channel: %s", exc)
         finally:

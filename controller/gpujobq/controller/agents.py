@@ -65,6 +65,7 @@ class Link:
         self.last_error: str | None = None
         self.down_since: float | None = time.monotonic()  # never wall time: clocks step
         self._channel: asyncssh.SSHClientProcess[bytes] | None = None
+        self._outbox: wire.Outbox | None = None
         self._conn: asyncssh.SSHClientConnection | None = None
 
     @property
@@ -72,12 +73,10 @@ class Link:
         return self._channel is not None
 
     def send(self, msg: messages.Down) -> None:
-        if self._channel is None:
+        """Queue a message; it leaves with the others of this turn of the event loop."""
+        if self._channel is None or self._outbox is None:
             raise LinkDown(f"agent {self.name} is not connected")
-        try:
-            self._channel.stdin.write(wire.frame(msg))
-        except (OSError, asyncssh.Error) as exc:
-            raise LinkDown(f"agent {self.name}: {exc}") from exc
+        self._outbox.send(msg)
 
     def drop(self, why: str) -> None:
         """Close the connection (the host went silent); run() reconnects with backoff."""
@@ -133,6 +132,7 @@ class Link:
         self.hello = wire.decode_hello(stdout)
         channel = await self._conn.create_process("jobs", encoding=None)
         self._channel = channel
+        self._outbox = wire.Outbox(channel.stdin.write, f"agent {self.name}")
         self.down_since = None
         self.last_error = None
         log.info("agent %s connected (runtime %s)", self.name, self.hello.runtime)
@@ -155,7 +155,7 @@ class Link:
 
     async def _teardown(self) -> None:
         was_up = self._channel is not None
-        self._channel = None
+        self._channel = self._outbox = None
         if self.down_since is None:
             self.down_since = time.monotonic()
         if self._conn is not None:

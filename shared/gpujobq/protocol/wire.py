@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import struct
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -12,6 +14,7 @@ from gpujobq.protocol import messages
 MAX_FRAME = 256 << 20  # a RunJob carries the code; an Exited carries capped output
 _LEN = struct.Struct(">I")
 
+log = logging.getLogger(__name__)
 _encoder = msgspec.msgpack.Encoder()
 _down = msgspec.msgpack.Decoder(messages.Down)
 _up = msgspec.msgpack.Decoder(messages.Up)
@@ -95,3 +98,33 @@ class Frames:
     def partial(self) -> bool:
         """Whether bytes of an unfinished frame are waiting."""
         return bool(self._buf)
+
+
+class Outbox:
+    """Frames sent in one turn of the event loop leave in one write.
+
+    On an SSH channel every write is a packet of its own: encrypted, MACed and sent with
+    a syscall. Under load many small messages (RunJob, Ack, Started, Exited) are sent
+    in the same turn; together they cost one packet's overhead instead of one each.
+    Nothing waits longer than the rest of the current turn. A write that fails (the
+    channel is closing) is logged: the connection's own end handles what was lost.
+    """
+
+    def __init__(self, write: Callable[[bytes | bytearray], object], name: str) -> None:
+        self._write = write
+        self._name = name
+        self._parts: list[bytearray] = []
+
+    def send(self, msg: Any) -> None:
+        if not self._parts:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self._parts.append(frame(msg))
+
+    def flush(self) -> None:
+        parts, self._parts = self._parts, []
+        if not parts:
+            return
+        try:
+            self._write(parts[0] if len(parts) == 1 else b"".join(parts))
+        except Exception as exc:  # a closing channel raises several kinds
+            log.info("%s: %d message(s) not sent: %s", self._name, len(parts), exc)
