@@ -29,11 +29,14 @@ time.sleep(30)  # still running: the follower reads live output, not the final r
 """.encode()
 
 
-def _follow(port: int, user: str, token: str) -> float:
+def _follow(port: int, user: str, token: str, pids: dict[str, int]
+            ) -> tuple[float, dict[str, float]]:
     """Submit the job and follow its live log with gpujobq's own client (what `gpujobq
     logs -f` reads: GET /api/logs?follow=true, server-sent events) until all its output
-    has come; MB/s from the job's first line."""
+    has come; MB/s from the job's first line, and the CPU seconds each process spent
+    from the submit until then (the job's own counted with its agent's)."""
     began, done = None, None
+    before = _cpu(pids)
     config = f"competition_id: bench\nproject_id: bench\nuser_id: {user}\n" \
              "expected_time: 10\n"
     with Client(f"http://127.0.0.1:{port}", token) as client:
@@ -47,25 +50,30 @@ def _follow(port: int, user: str, token: str) -> float:
                 began = float(data["text"].split()[0])
             elif data["stream"] == "stdout" and data["offset"] + len(data["text"]) >= SIZE:
                 done = time.time()  # ASCII: characters are bytes
+                used = {k: v - before.get(k, 0.0) for k, v in _cpu(pids).items()}
                 break
         events.close()
         client.cancel(job)
     assert began is not None and done is not None
-    return SIZE / 2**20 / (done - began)
+    return SIZE / 2**20 / (done - began), used
 
 
-async def _raw(port: int, host_key: pathlib.Path, client_key: pathlib.Path) -> float:
+async def _raw(port: int, host_key: pathlib.Path, client_key: pathlib.Path,
+               sender: int) -> tuple[float, dict[str, float]]:
     async with asyncssh.connect(
             "127.0.0.1", port, username="bench", client_keys=[str(client_key)],
             known_hosts=([str(host_key) + ".pub"], [], []), encryption_algs=agents._CIPHERS,
             config=[], agent_path=None) as conn:
+        before = _cpu({"raw sender": sender}, "raw receiver")
         t0 = time.perf_counter()
         proc = await conn.create_process(str(SIZE), encoding=None)
         got = 0
         while chunk := await proc.stdout.read(1 << 20):
             got += len(chunk)
+        took = time.perf_counter() - t0
+        used = {k: v - before[k] for k, v in _cpu({"raw sender": sender}, "raw receiver").items()}
         assert got == SIZE, got
-        return SIZE / 2**20 / (time.perf_counter() - t0)
+        return SIZE / 2**20 / took, used
 
 
 def b10(root: pathlib.Path, trials: int) -> Figure:
@@ -88,12 +96,18 @@ def b10(root: pathlib.Path, trials: int) -> Figure:
     assert raw.stdout is not None and raw.stdout.readline().strip() == b"ready"
     agent.start()
     ours, base = [], []
+    cpu: dict[str, list[float]] = {}
     try:
         ctl.start(agents=1)
         (user, token), = ctl.users(1)
+        pids = {"controller": ctl.proc.pid, "agent and job": agent.proc.pid}  # type: ignore[union-attr]
         for _ in range(trials):
-            ours.append(_follow(ctl.port, user, token))  # type: ignore[arg-type]
-            base.append(asyncio.run(_raw(raw_port, raw_key, ctl.client_key)))
+            rate, used = _follow(ctl.port, user, token, pids)  # type: ignore[arg-type]
+            raw_rate, used_raw = asyncio.run(_raw(raw_port, raw_key, ctl.client_key, raw.pid))
+            ours.append(rate)
+            base.append(raw_rate)
+            for k, v in {**used, **used_raw}.items():
+                cpu.setdefault(k, []).append(v)
     finally:
         system.stop(raw)
         agent.stop()
@@ -109,4 +123,40 @@ def b10(root: pathlib.Path, trials: int) -> Figure:
          "come, timed from the job's first line; baseline: the same bytes written on one "
          "exec channel of an asyncssh server (same ciphers) and read by an asyncssh client; "
          "output_cap raised to "
-         f"{2 * SIZE >> 20} MiB"])
+         f"{2 * SIZE >> 20} MiB", _bound(cpu, median(ours), median(base))])
+
+
+def _cpu(pids: dict[str, int], here: str = "follower") -> dict[str, float]:
+    """CPU seconds used so far by each process with its descendants, and by this one
+    (as ``here``)."""
+    used = {k: sum(system.cpu_seconds(p) for p in _family(pid)) for k, pid in pids.items()}
+    used[here] = time.process_time()
+    return used
+
+
+def _family(pid: int) -> list[int]:
+    """A process and its descendants now alive."""
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        for task in pathlib.Path(f"/proc/{p}/task").glob("*/children"):
+            todo += [int(c) for c in task.read_text().split()]
+    return found
+
+
+def _bound(cpu: dict[str, list[float]], ours: float, base: float) -> str:
+    """What the CPU each process spent says about the rate this machine allows."""
+    per = {k: median(v) for k, v in cpu.items()}
+    mine = {k: v for k, v in per.items() if not k.startswith("raw")}
+    raw = {k: v for k, v in per.items() if k.startswith("raw")}
+    cores = os.cpu_count() or 1
+    size = SIZE / 2**20
+
+    def parts(d: dict[str, float]) -> str:
+        return ", ".join(f"{k} {v:.2f} s" for k, v in d.items())
+
+    return (f"CPU per {SIZE >> 20} MiB: {parts(mine)} (all {sum(mine.values()):.2f} s: "
+            f"{cores} cores allow at most {cores * size / sum(mine.values()):.0f} MB/s); "
+            f"baseline: {parts(raw)} (all {sum(raw.values()):.2f} s); CPU per MB, ours "
+            f"against the baseline: {sum(mine.values()) / sum(raw.values()):.1f}x")
