@@ -102,7 +102,9 @@ def b10(root: pathlib.Path, trials: int) -> Figure:
         (user, token), = ctl.users(1)
         pids = {"controller": ctl.proc.pid, "agent and job": agent.proc.pid}  # type: ignore[union-attr]
         for _ in range(trials):
+            _settle(pids)
             rate, used = _follow(ctl.port, user, token, pids)  # type: ignore[arg-type]
+            _settle(pids)  # the cancelled job's result is stored before the baseline runs
             raw_rate, used_raw = asyncio.run(_raw(raw_port, raw_key, ctl.client_key, raw.pid))
             ours.append(rate)
             base.append(raw_rate)
@@ -132,6 +134,19 @@ def _cpu(pids: dict[str, int], here: str = "follower") -> dict[str, float]:
     used = {k: sum(system.cpu_seconds(p) for p in _family(pid)) for k, pid in pids.items()}
     used[here] = time.process_time()
     return used
+
+
+def _settle(pids: dict[str, int], quiet: float = 0.5, limit: float = 60.0) -> None:
+    """Wait until these processes have used no CPU for ``quiet`` seconds: what one
+    trial left to do (storing a 64 MiB result) must not slow the next measurement."""
+    deadline = time.monotonic() + limit
+    last = _cpu(pids)
+    while time.monotonic() < deadline:
+        time.sleep(quiet)
+        now = _cpu(pids)
+        if all(now[k] - last[k] < 0.02 for k in pids):
+            return
+        last = now
 
 
 def _family(pid: int) -> list[int]:

@@ -85,7 +85,7 @@ def test_total_counts_everything() -> None:
         buffer.feed(b"x" * 100)
     assert buffer.total == 100_000
     # Memory stays bounded however much is fed.
-    assert len(buffer._head) + len(buffer._tail) <= 10 + 2 * 5 + capture.CHUNK
+    assert buffer._head_size + len(buffer._tail) <= 10 + 2 * 5 + capture.CHUNK
 
 
 async def test_drain_reads_to_eof() -> None:

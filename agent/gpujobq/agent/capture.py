@@ -20,17 +20,24 @@ class CappedBuffer:
         self.cap = cap
         self.live = live
         self.total = 0
-        self._head = bytearray()
+        # The head as the pieces it came in (joined once, by value()): a job printing
+        # fast costs no copy here.
+        self._head: list[bytes] = []
+        self._head_size = 0
         self._tail = bytearray()
 
     def feed(self, data: bytes) -> None:
+        if type(data) is not bytes:  # kept by reference: never a buffer its owner reuses
+            data = bytes(data)
         self.total += len(data)
-        room = self.cap - (self.cap // 2) - len(self._head)
+        room = self.cap - (self.cap // 2) - self._head_size
         if room > 0:
             head = data if len(data) <= room else data[:room]  # no copy in the usual case
-            self._head += head
-            if self.live is not None and head:
-                self.live(head)
+            if head:
+                self._head.append(head)
+                self._head_size += len(head)
+                if self.live is not None:
+                    self.live(head)
             data = data[len(head):]
         if data:
             keep = self.cap // 2
@@ -41,13 +48,13 @@ class CappedBuffer:
     def value(self) -> bytes:
         keep = self.cap // 2
         tail = bytes(self._tail[-keep:]) if keep else b""
-        dropped = self.total - len(self._head) - len(tail)
+        dropped = self.total - self._head_size - len(tail)
         if dropped <= 0:
-            return bytes(self._head) + bytes(self._tail)
+            return b"".join((*self._head, self._tail))
         marker = (
             f"\n[gpujobq: output truncated: {dropped} of {self.total} bytes omitted here]\n"
         ).encode()
-        return bytes(self._head) + marker + tail
+        return b"".join((*self._head, marker, tail))
 
 
 async def drain(stream: asyncio.StreamReader, buffer: CappedBuffer) -> None:

@@ -60,10 +60,14 @@ class _Reporter:
     def __init__(self, agent: Agent, run: messages.RunJob) -> None:
         self.agent = agent
         self.run = run
-        self.pending: dict[str, bytearray] = {"stdout": bytearray(), "stderr": bytearray()}
-        # Everything sent so far (the kept head of each stream, so at most output_cap):
-        # a controller that reconnects asks for it again from the offset it has.
-        self.history: dict[str, bytearray] = {"stdout": bytearray(), "stderr": bytearray()}
+        # Printed, not sent yet: the pieces as they came (joined once, when sent).
+        self.pending: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
+        self.pending_size = dict.fromkeys(self.pending, 0)
+        # Everything sent so far (the kept head of each stream, so at most output_cap), as
+        # the pieces sent: a controller that reconnects asks for it again from the offset
+        # it has.
+        self.history: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
+        self.sent = dict.fromkeys(self.history, 0)  # bytes of each stream sent
         self.timer: asyncio.TimerHandle | None = None
 
     def started(self) -> None:
@@ -71,8 +75,9 @@ class _Reporter:
             job_id=self.run.job_id, attempt=self.run.attempt, at=self.agent.clock()))
 
     def output(self, stream: str, data: bytes) -> None:
-        self.pending[stream] += data
-        if len(self.pending[stream]) >= OUTPUT_PIECE:  # a full piece goes at once
+        self.pending[stream].append(data)
+        self.pending_size[stream] += len(data)
+        if self.pending_size[stream] >= OUTPUT_PIECE:  # a full piece goes at once
             if self.timer is not None:
                 self.timer.cancel()
             self.flush()
@@ -81,27 +86,32 @@ class _Reporter:
 
     def flush(self) -> None:
         self.timer = None
-        for stream, data in self.pending.items():
-            if data:
-                self._send(stream, len(self.history[stream]), data)
-                self.history[stream] += data
-                data.clear()
+        for stream, parts in self.pending.items():
+            if parts:
+                data = parts[0] if len(parts) == 1 else b"".join(parts)
+                parts.clear()
+                self.pending_size[stream] = 0
+                self.history[stream] += self._send(stream, self.sent[stream], data)
+                self.sent[stream] += len(data)
 
-    def _send(self, stream: str, offset: int, data: bytes | bytearray) -> None:
+    def _send(self, stream: str, offset: int, data: bytes) -> list[bytes]:
+        """Send ``data`` (the stream's bytes from ``offset``); returns the pieces sent."""
         # In pieces: the controller hands each on as soon as it has it, instead of
         # waiting for one frame as large as everything printed in LIVE_FLUSH.
-        with memoryview(data) as view:
-            for start in range(0, len(data), OUTPUT_PIECE):
-                self.agent._report(messages.Output(
-                    job_id=self.run.job_id, attempt=self.run.attempt, stream=stream,
-                    offset=offset + start, data=bytes(view[start:start + OUTPUT_PIECE])))
+        pieces = [data] if len(data) <= OUTPUT_PIECE else [
+            data[start:start + OUTPUT_PIECE] for start in range(0, len(data), OUTPUT_PIECE)]
+        for piece in pieces:
+            self.agent._report(messages.Output(
+                job_id=self.run.job_id, attempt=self.run.attempt, stream=stream,
+                offset=offset, data=piece))
+            offset += len(piece)
+        return pieces
 
     def resend(self, offsets: dict[str, int]) -> None:
         """Output again from the offsets the controller has, then what is pending."""
         for stream, start in offsets.items():
-            sent = self.history[stream]
-            if 0 <= start < len(sent):
-                self._send(stream, start, sent[start:])
+            if 0 <= start < self.sent[stream]:
+                self._send(stream, start, b"".join(self.history[stream])[start:])
         self.flush()
 
     def close(self) -> None:

@@ -38,11 +38,16 @@ class Printed:
 
     def since(self, offset: int) -> bytes:
         """The bytes from ``offset`` to the end."""
+        parts = self.pieces_since(offset)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def pieces_since(self, offset: int) -> list[bytes]:
+        """The bytes from ``offset`` to the end, as the pieces they are kept in (a piece
+        read from its start is the piece itself, not a copy)."""
         if offset >= self.size:
-            return b""
+            return []
         i = max(0, bisect.bisect_right(self.starts, offset) - 1)
-        first = self.pieces[i][offset - self.starts[i]:]  # the piece itself from its start
-        return first if i == len(self.pieces) - 1 else b"".join((first, *self.pieces[i + 1:]))
+        return [self.pieces[i][offset - self.starts[i]:], *self.pieces[i + 1:]]
 
 
 class LiveOutput:

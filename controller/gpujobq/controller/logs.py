@@ -42,7 +42,8 @@ class _Sent:
     def __init__(self) -> None:
         self.offsets = dict.fromkeys(STREAMS, 0)
         self.decoders = {s: codecs.getincrementaldecoder("utf-8")("replace") for s in STREAMS}
-        self.head = {s: bytearray() for s in STREAMS}  # what was sent, to compare at the end
+        # What was sent, to compare at the end: the pieces themselves (no copy).
+        self.head: dict[str, list[bytes]] = {s: [] for s in STREAMS}
 
     def events(self, stream: str, data: bytes, final: bool = False
                ) -> list[bytes]:
@@ -61,7 +62,7 @@ class _Sent:
                                          "size": held + len(piece) - held_after,
                                          "text": text}))
             self.offsets[stream] += len(piece)
-            self.head[stream] += piece
+            self.head[stream].append(piece)
         return out
 
 
@@ -107,8 +108,7 @@ async def follow(svc: service_mod.JobService, job: store.Job, wait: bool
             live = d.live.get(job.id)
             if live is not None and live.attempt == job.attempt:
                 for stream in STREAMS:
-                    new = live.streams[stream].since(sent.offsets[stream])
-                    if new:
+                    for new in live.streams[stream].pieces_since(sent.offsets[stream]):
                         for event in sent.events(stream, new):
                             yield event
             if not wait or svc.stopping:
@@ -122,7 +122,7 @@ async def follow(svc: service_mod.JobService, job: store.Job, wait: bool
 def _ending(sent: _Sent, stream: str, job: store.Job) -> list[bytes]:
     """The rest of a stream from its stored copy (which may cut the middle out)."""
     stored = job.stdout if stream == "stdout" else job.stderr
-    head = bytes(sent.head[stream])
+    head = b"".join(sent.head[stream])
     if stored.startswith(head):
         rest = stored[len(head):]
     else:  # the stored copy differs from what was sent live: resend from where it does

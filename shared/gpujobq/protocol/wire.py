@@ -100,6 +100,9 @@ class Frames:
         return bool(self._buf)
 
 
+JOIN_UP_TO = 256 << 10  # an Outbox joins a turn's frames into one write up to this size
+
+
 class Outbox:
     """Frames sent in one turn of the event loop leave in one write.
 
@@ -125,6 +128,10 @@ class Outbox:
         if not parts:
             return
         try:
-            self._write(parts[0] if len(parts) == 1 else b"".join(parts))
+            if len(parts) == 1 or sum(map(len, parts)) > JOIN_UP_TO:
+                for part in parts:  # large ones (live output) are not copied to be joined
+                    self._write(part)
+            else:
+                self._write(b"".join(parts))
         except Exception as exc:  # a closing channel raises several kinds
             log.info("%s: %d message(s) not sent: %s", self._name, len(parts), exc)
