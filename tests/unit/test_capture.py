@@ -96,3 +96,17 @@ async def test_drain_reads_to_eof() -> None:
     buffer = CappedBuffer(len(payload))
     await capture.drain(reader, buffer)
     assert buffer.value() == payload
+
+
+def test_job_pipes_hold_a_mebibyte_where_the_kernel_allows() -> None:
+    import fcntl
+    import os
+
+    read, write = capture.pipe()
+    try:
+        size = fcntl.fcntl(write, fcntl.F_GETPIPE_SZ)
+        limit = int(open("/proc/sys/fs/pipe-max-size").read())
+        assert size == min(capture.PIPE_SIZE, limit) or size == 65536  # over quota: default
+    finally:
+        os.close(read)
+        os.close(write)

@@ -166,3 +166,18 @@ async def test_a_failing_write_is_logged_not_raised(caplog: pytest.LogCaptureFix
     with caplog.at_level("INFO"):
         await asyncio.sleep(0)
     assert "agent a1: 2 message(s) not sent: channel closed" in caplog.text
+
+
+def test_decoded_frames_across_chunks_with_an_unreadable_one() -> None:
+    stream = b"".join([wire.frame(UP[0]), wire.frame(UP[1]), bytes(wire.frame(b"\xc1")),
+                       wire.frame(UP[3])])
+    frames = wire.Frames()
+    got: list[object] = []
+    for i in range(0, len(stream), 7):  # chunks that split headers and bodies
+        got += frames.decoded(stream[i:i + 7], wire.decode_up)
+    assert not frames.partial
+    assert got[:2] == UP[:2] and got[3] == UP[3]
+    assert isinstance(got[2], ProtocolError)
+    # What was decoded owns its bytes: the buffer is reused after.
+    frames.decoded(wire.frame(UP[4]), wire.decode_up)
+    assert got[1].stdout == b"out"  # type: ignore[union-attr]

@@ -8,9 +8,15 @@ a traceback is at the end. What was dropped in between is named by a marker line
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
+import os
 from collections.abc import Callable
 
-CHUNK = 64 << 10
+CHUNK = 256 << 10  # bytes read at once
+# A job's output pipe holds this much (the kernel's default is 64 KiB): a job printing
+# fast goes on writing while the agent sends what it read, instead of waiting on it.
+PIPE_SIZE = 1 << 20
 
 
 class CappedBuffer:
@@ -60,3 +66,26 @@ class CappedBuffer:
 async def drain(stream: asyncio.StreamReader, buffer: CappedBuffer) -> None:
     while chunk := await stream.read(CHUNK):
         buffer.feed(chunk)
+
+
+def pipe() -> tuple[int, int]:
+    """(read end, write end) of a new pipe, PIPE_SIZE large where the kernel allows it
+    (an unprivileged user past its pipe quota keeps the default)."""
+    read, write = os.pipe()
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(write, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+    return read, write
+
+
+async def reader(fd: int) -> tuple[asyncio.StreamReader, asyncio.BaseTransport]:
+    """A stream over a pipe's read end (which it then owns); close the transport when done."""
+    loop = asyncio.get_running_loop()
+    stream = asyncio.StreamReader(limit=PIPE_SIZE, loop=loop)
+    file = os.fdopen(fd, "rb", 0)
+    try:
+        transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(stream, loop=loop), file)
+    except BaseException:
+        file.close()
+        raise
+    return stream, transport

@@ -53,6 +53,7 @@ class ProcessRuntime:
         cancel: asyncio.Event,
         report: runtime.Reporter,
     ) -> runtime.Outcome:
+        (out_fd, out_w), (err_fd, err_w) = capture.pipe(), capture.pipe()
         try:
             proc = await asyncio.create_subprocess_exec(
                 self.python,
@@ -60,14 +61,40 @@ class ProcessRuntime:
                 cwd=workdir,
                 env=self._environment(job, workdir),
                 stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
+                stdout=out_w,
+                stderr=err_w,
                 start_new_session=True,
             )
         except OSError as exc:
+            os.close(out_fd)
+            os.close(err_fd)
             return runtime.Outcome(
                 reason=Reason.INFRA_ERROR, exit_code=None, detail=f"could not start: {exc}"
             )
+        finally:
+            os.close(out_w)  # the job holds them now
+            os.close(err_w)
+        fds = [out_fd, err_fd]  # read ends not yet handed over to a stream
+        pipes: list[asyncio.BaseTransport] = []
+        try:
+            return await self._watch(proc, job, workdir, cancel, report, fds, pipes)
+        finally:
+            for fd in fds:
+                os.close(fd)
+            for pipe in pipes:
+                pipe.close()
+
+    async def _watch(
+        self, proc: asyncio.subprocess.Process, job: messages.RunJob, workdir: pathlib.Path,
+        cancel: asyncio.Event, report: runtime.Reporter, fds: list[int],
+        pipes: list[asyncio.BaseTransport],
+    ) -> runtime.Outcome:
+        streams = []
+        while fds:
+            stream, pipe = await capture.reader(fds.pop(0))  # it owns the fd from here on
+            streams.append(stream)
+            pipes.append(pipe)
+        stdout, stderr = streams
         folder = workdir.parent  # SPOOL/<job_id>-a<attempt>/, see spool.py
         try:
             record_group(folder, proc.pid)
@@ -82,10 +109,9 @@ class ProcessRuntime:
             capture.CappedBuffer(job.output_cap, functools.partial(report.output, name))
             for name in ("stdout", "stderr")
         )
-        assert proc.stdout is not None and proc.stderr is not None
         readers = [
-            asyncio.create_task(capture.drain(proc.stdout, out)),
-            asyncio.create_task(capture.drain(proc.stderr, err)),
+            asyncio.create_task(capture.drain(stdout, out)),
+            asyncio.create_task(capture.drain(stderr, err)),
         ]
         try:
             reason = await self._supervise(proc, job, cancel)

@@ -103,8 +103,8 @@ class AgentServer:
         try:
             # Whatever has arrived is read at once: a burst of messages costs one read.
             while chunk := await process.stdin.read(READ_CHUNK):
-                for body in frames.feed(chunk):
-                    self._apply(body)
+                for msg in frames.decoded(chunk, wire.decode_down):
+                    self._apply(msg)
             if frames.partial:
                 raise messages.ProtocolError("job channel ended inside a frame")
         except messages.ProtocolError as exc:
@@ -113,11 +113,9 @@ class AgentServer:
             beats.cancel()
             self.agent.detach(send)
 
-    def _apply(self, body: bytes) -> None:
-        try:
-            msg = wire.decode_down(body)
-        except messages.ProtocolError as exc:
-            log.warning("ignoring a message the agent cannot read: %s", exc)
+    def _apply(self, msg: messages.Down | messages.ProtocolError) -> None:
+        if isinstance(msg, messages.ProtocolError):
+            log.warning("ignoring a message the agent cannot read: %s", msg)
             return
         self.agent.handle(msg)
 

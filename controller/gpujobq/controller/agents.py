@@ -25,6 +25,11 @@ _CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly13
 
 
 READ_CHUNK = 1 << 20  # bytes of the job channel read at once
+# What the agent may send on the job channel before the controller has read it, and in
+# packets of up to this size: 8x SSH's usual 32 KiB, so live output crosses in an eighth
+# as many packets (each one decrypted and handled on its own).
+CHANNEL_WINDOW = 8 << 20
+CHANNEL_PACKET = 256 << 10
 
 
 class LinkDown(Exception):
@@ -130,7 +135,8 @@ class Link:
         stdout = hello_run.stdout
         assert isinstance(stdout, bytes)
         self.hello = wire.decode_hello(stdout)
-        channel = await self._conn.create_process("jobs", encoding=None)
+        channel = await self._conn.create_process(
+            "jobs", encoding=None, window=CHANNEL_WINDOW, max_pktsize=CHANNEL_PACKET)
         self._channel = channel
         self._outbox = wire.Outbox(channel.stdin.write, f"agent {self.name}")
         self.down_since = None
@@ -142,11 +148,11 @@ class Link:
         # stores a burst's reports in one transaction.
         while chunk := await channel.stdout.read(READ_CHUNK):
             burst = []
-            for body in frames.feed(chunk):
-                try:
-                    burst.append(wire.decode_up(body))
-                except messages.ProtocolError as exc:
-                    log.warning("agent %s sent an unreadable message: %s", self.name, exc)
+            for msg in frames.decoded(chunk, wire.decode_up):
+                if isinstance(msg, messages.ProtocolError):
+                    log.warning("agent %s sent an unreadable message: %s", self.name, msg)
+                else:
+                    burst.append(msg)
             if burst:
                 self.handler.on_messages(self, burst)
         if frames.partial:

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import struct
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 from gpujobq.protocol import messages
@@ -15,6 +15,7 @@ MAX_FRAME = 256 << 20  # a RunJob carries the code; an Exited carries capped out
 _LEN = struct.Struct(">I")
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 _encoder = msgspec.msgpack.Encoder()
 _down = msgspec.msgpack.Decoder(messages.Down)
 _up = msgspec.msgpack.Decoder(messages.Up)
@@ -33,11 +34,11 @@ def encode(msg: Any) -> bytes:
     return _encoder.encode(msg)
 
 
-def decode_down(body: bytes) -> messages.Down:
+def decode_down(body: bytes | memoryview) -> messages.Down:
     return _decode(_down, body)
 
 
-def decode_up(body: bytes) -> messages.Up:
+def decode_up(body: bytes | memoryview) -> messages.Up:
     return _decode(_up, body)
 
 
@@ -45,7 +46,7 @@ def decode_hello(body: bytes) -> messages.Hello:
     return _decode(msgspec.msgpack.Decoder(messages.Hello), body)
 
 
-def _decode(decoder: msgspec.msgpack.Decoder[Any], body: bytes) -> Any:
+def _decode(decoder: msgspec.msgpack.Decoder[Any], body: bytes | memoryview) -> Any:
     try:
         return decoder.decode(body)
     except msgspec.DecodeError as exc:
@@ -77,22 +78,32 @@ class Frames:
         self._buf = bytearray()
 
     def feed(self, data: bytes) -> list[bytes]:
+        return self.decoded(data, bytes)
+
+    def decoded(self, data: bytes, decode: Callable[[memoryview], T]
+                ) -> list[T | messages.ProtocolError]:
+        """feed(), each body decoded straight from the buffer (no copy of it first); a
+        body ``decode`` cannot read is there as its ProtocolError."""
         self._buf += data
-        bodies = []
+        out: list[T | messages.ProtocolError] = []
         start = 0
-        while len(self._buf) - start >= _LEN.size:
-            (size,) = _LEN.unpack_from(self._buf, start)
-            if size > MAX_FRAME:
-                raise messages.ProtocolError(
-                    f"frame of {size} bytes is over the {MAX_FRAME} limit")
-            end = start + _LEN.size + size
-            if len(self._buf) < end:
-                break
-            with memoryview(self._buf) as view:  # one copy, not two
-                bodies.append(bytes(view[start + _LEN.size:end]))
-            start = end
+        with memoryview(self._buf) as view:
+            while len(view) - start >= _LEN.size:
+                (size,) = _LEN.unpack_from(view, start)
+                if size > MAX_FRAME:
+                    raise messages.ProtocolError(
+                        f"frame of {size} bytes is over the {MAX_FRAME} limit")
+                end = start + _LEN.size + size
+                if len(view) < end:
+                    break
+                with view[start + _LEN.size:end] as body:
+                    try:
+                        out.append(decode(body))
+                    except messages.ProtocolError as exc:
+                        out.append(exc)
+                start = end
         del self._buf[:start]
-        return bodies
+        return out
 
     @property
     def partial(self) -> bool:
