@@ -33,6 +33,27 @@ def test_prepare_writes_job_files(spool: Spool) -> None:
     assert (work / "config.yaml").read_bytes() == b"user_id: alice\n"
 
 
+def test_prepared_modes_do_not_depend_on_the_umask(spool: Spool) -> None:
+    import os
+    import stat
+
+    old = os.umask(0o077)
+    try:
+        work = spool.prepare(run())
+    finally:
+        os.umask(old)
+    mode = {p.name: stat.S_IMODE(p.stat().st_mode)
+            for p in (work, work / "solution.py", work / "config.yaml", work.parent / "output")}
+    assert mode == {"job": 0o755, "solution.py": 0o644, "config.yaml": 0o644, "output": 0o777}
+
+
+def test_prepare_without_files_keeps_only_the_attempts_folder(spool: Spool) -> None:
+    work = spool.prepare(run(), files=False)
+    assert work.parent.is_dir() and not work.exists()
+    spool.store_result(exited())
+    assert [e.job_id for e in spool.recover()] == ["job1"]
+
+
 def test_prepare_again_starts_fresh(spool: Spool) -> None:
     work = spool.prepare(run())
     (work / "leftover.txt").write_text("x")

@@ -377,7 +377,8 @@ class Agent:
     async def _outcome(self, run: messages.RunJob, held: _Held,
                        workdir: pathlib.Path | None) -> runtime_mod.Outcome:
         try:
-            workdir = workdir or self.spool.prepare(run)
+            workdir = workdir or self.spool.prepare(
+                run, files=getattr(self.runtime, "reads_files", True))
         except (OSError, spool_mod.SpoolError) as exc:
             # The host's disk, not the job: a platform failure, retried (within the
             # retry budget) where there is room.

@@ -28,6 +28,7 @@ WARNING = "runtime 'instant': jobs are NOT run, they end at once (for load testi
 class InstantRuntime:
     name = "instant"
     isolated = False
+    reads_files = False  # its spool folder only keeps the result until acked
 
     def __init__(self, stdout: str = "", stderr: str = "", exit_code: int = 0) -> None:
         self.stdout = stdout

@@ -29,6 +29,18 @@ PROCESS = "process.json"  # written and read by the process runtime (process.py)
 RUN = "run.msgpack"
 
 
+def _write(path: pathlib.Path, data: bytes, mode: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    try:
+        os.fchmod(fd, mode)
+        with memoryview(data) as view:
+            done = 0
+            while done < len(view):
+                done += os.write(fd, view[done:])
+    finally:
+        os.close(fd)
+
+
 class SpoolError(ValueError):
     pass
 
@@ -44,25 +56,34 @@ class Spool:
             raise SpoolError(f"job id {job_id!r} cannot name a spool folder")
         return self.root / name
 
-    def prepare(self, run: messages.RunJob) -> pathlib.Path:
-        """A fresh work folder holding the job's code and config; returns it."""
+    def prepare(self, run: messages.RunJob, *, files: bool = True) -> pathlib.Path:
+        """A fresh work folder holding the job's code and config; returns it.
+
+        ``files=False`` (a runtime that runs nothing: instant) makes only the attempt's
+        folder, where its result is kept until acked; the work folder is not created."""
         base = self.folder(run.job_id, run.attempt)
-        if base.exists():
+        try:
+            os.mkdir(base, 0o700)
+        except FileExistsError:  # left by an earlier try of the same attempt
             shutil.rmtree(base)
-        base.mkdir(parents=True)
-        bare = msgspec.structs.replace(run, code=b"", config=b"")
-        (base / RUN).write_bytes(msgspec.msgpack.encode(bare))
+            os.mkdir(base, 0o700)
+        except FileNotFoundError:  # the spool itself was removed meanwhile
+            base.mkdir(parents=True, mode=0o700)
         work = base / "job"
-        work.mkdir()
-        for name, data in (("solution.py", run.code), ("config.yaml", run.config)):
-            (work / name).write_bytes(data)
-            (work / name).chmod(0o644)
+        if not files:
+            return work
+        bare = msgspec.structs.replace(run, code=b"", config=b"")
+        _write(base / RUN, msgspec.msgpack.encode(bare), 0o600)
         # A container's unprivileged user reads the job folder (mounted read-only) and
         # writes the output folder; bind mounts skip the private spool folders above.
-        work.chmod(0o755)
+        # Modes are set explicitly: the umask would take bits off a mkdir's or open's.
+        os.mkdir(work)
+        os.chmod(work, 0o755)
+        for name, data in (("solution.py", run.code), ("config.yaml", run.config)):
+            _write(work / name, data, 0o644)
         output = base / "output"
-        output.mkdir()
-        output.chmod(0o777)
+        os.mkdir(output)
+        os.chmod(output, 0o777)
         return work
 
     def store_result(self, exited: messages.Exited) -> None:

@@ -262,53 +262,126 @@ def batch(db: sqlite_utils.Database) -> Iterator[sqlite_utils.Database]:
 
 
 class GroupCommit:
-    """Writes from the event loop that share one durable COMMIT (one fsync).
+    """The event loop's writes, grouped: one write transaction and one durable COMMIT
+    (one fsync, one append of each page to the WAL) for everything written in a turn.
 
-    ``await run(fn)`` queues ``fn``; at the end of the loop's current pass, every queued
-    ``fn`` runs inside one write transaction, each under its own savepoint (an ``fn``
-    that raises undoes only its own writes and gets its exception back), then one COMMIT.
-    Nobody hears back before that COMMIT: acknowledged still means on disk. A failed
-    COMMIT fails them all. Idle, a write waits for nothing; under load, for the others
-    that came in the same pass.
+    ``await run(fn)`` queues ``fn`` and waits for its result; ``call(fn)`` queues it
+    without waiting. At the end of the loop's current pass, or sooner when
+    ``flush_with`` runs work that cannot wait (the dispatcher's), every queued ``fn`` runs
+    inside one write transaction, each under its own savepoint (one that raises undoes
+    only its own writes), then one COMMIT. Nobody hears back before that COMMIT:
+    acknowledged still means on disk. What a writer must do only once its writes are
+    durable (tell an agent, answer a waiter) it registers with ``after``. A failed COMMIT
+    fails them all, and nothing registered with ``after`` runs.
     """
 
     def __init__(self, db: sqlite_utils.Database) -> None:
         self.db = db
-        self._queued: list[tuple[Callable[[], Any], asyncio.Future[Any]]] = []
+        self._queued: list[_Queued] = []
+        self._after: list[Callable[[], None]] | None = None  # while flushing
+
+    @property
+    def flushing(self) -> bool:
+        return self._after is not None
 
     async def run(self, fn: Callable[[], T]) -> T:
         loop = asyncio.get_running_loop()
         done: asyncio.Future[T] = loop.create_future()
-        self._queued.append((fn, done))
-        if len(self._queued) == 1:
-            loop.call_soon(self._flush)
+        self._queue(_Queued(fn, done, None))
         return await done
+
+    def call(self, fn: Callable[[], object],
+             on_failure: Callable[[BaseException], None] | None = None) -> None:
+        """Run ``fn`` in the next group transaction; ``on_failure`` hears if its writes
+        are not stored (it raised, or the COMMIT failed)."""
+        self._queue(_Queued(fn, None, on_failure))
+
+    def after(self, action: Callable[[], None]) -> None:
+        """Once the COMMIT of the transaction being written is done (at once outside one)."""
+        if self._after is None:
+            action()
+        else:
+            self._after.append(action)
+
+    def flush_with(self, fn: Callable[[], T]) -> T:
+        """Run what is queued and ``fn`` in one transaction, now; ``fn``'s result, or its
+        exception (its writes undone), or the COMMIT's."""
+        if self._after is not None:  # inside a flush already: join its transaction
+            return fn()
+        outcome: list[T] = []
+        failure: list[BaseException] = []
+        self._queued.append(_Queued(fn, None, failure.append, outcome.append))
+        self._flush()
+        if failure:
+            raise failure[0]
+        return outcome[0]
+
+    def _queue(self, item: _Queued) -> None:
+        if not self._queued:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._queued.append(item)
 
     def _flush(self) -> None:
         batch, self._queued = self._queued, []
-        outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        if not batch:
+            return
+        outcomes: list[tuple[_Queued, Any, BaseException | None]] = []
+        self._after = after = []
         try:
             with write(self.db):
-                for fn, done in batch:
-                    self.db.execute("SAVEPOINT one")
-                    try:
-                        outcomes.append((done, fn(), None))
-                    except Exception as exc:
-                        self.db.execute("ROLLBACK TO one")
-                        outcomes.append((done, None, exc))
-                    self.db.execute("RELEASE one")
+                self.db._batched = True  # type: ignore[attr-defined]  # writes inside: savepoints
+                try:
+                    for item in batch:
+                        self.db.execute("SAVEPOINT one")
+                        try:
+                            outcomes.append((item, item.fn(), None))
+                        except Exception as exc:
+                            self.db.execute("ROLLBACK TO one")
+                            outcomes.append((item, None, exc))
+                        self.db.execute("RELEASE one")
+                finally:
+                    self.db._batched = False  # type: ignore[attr-defined]
         except Exception as exc:  # BEGIN or COMMIT failed: nothing of the batch is stored
-            for _, done in batch:
-                if not done.done():
-                    done.set_exception(exc)
+            for item in batch:
+                item.fail(exc)
             return
-        for done, value, exc in outcomes:
-            if done.done():  # its request went away meanwhile
-                continue
+        finally:
+            self._after = None
+        for action in after:
+            try:  # one failing must not keep the rest back
+                action()
+            except Exception:
+                log.exception("an action after a commit failed")
+        for item, value, exc in outcomes:
             if exc is None:
-                done.set_result(value)
+                item.succeed(value)
             else:
-                done.set_exception(exc)
+                item.fail(exc)
+
+
+class _Queued:
+    """A writer of a group transaction, and whom to tell how it went."""
+
+    def __init__(self, fn: Callable[[], Any], done: asyncio.Future[Any] | None,
+                 on_failure: Callable[[BaseException], None] | None,
+                 on_success: Callable[[Any], None] | None = None) -> None:
+        self.fn, self.done = fn, done
+        self.on_failure, self.on_success = on_failure, on_success
+
+    def succeed(self, value: Any) -> None:
+        if self.done is not None and not self.done.done():  # its request may be gone
+            self.done.set_result(value)
+        if self.on_success is not None:
+            self.on_success(value)
+
+    def fail(self, exc: BaseException) -> None:
+        if self.done is not None and not self.done.done():
+            self.done.set_exception(exc)
+        if self.on_failure is not None:
+            try:
+                self.on_failure(exc)
+            except Exception:
+                log.exception("handling a failed write failed")
 
 
 # ---- checkpoints ------------------------------------------------------------------------

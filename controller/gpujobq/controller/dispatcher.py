@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import heapq
 import logging
 import math
@@ -108,6 +109,9 @@ class Dispatcher:
         self._recording: set[asyncio.Task[None]] = set()  # records being written
         self._recording_ids: set[str] = set()  # the jobs they write
         self._bursts: list[tuple[agents.Link, list[messages.Up]]] = []  # reports to store
+        # The event loop's writes share one transaction per turn: submits, reports,
+        # dispatches and notes of written records (see database.GroupCommit).
+        self.commits = database.GroupCommit(store.db)
         self.apply_inventory(inventory)
 
     @property
@@ -204,9 +208,10 @@ class Dispatcher:
 
     @contextlib.contextmanager
     def _batch(self) -> Iterator[None]:
-        """The writes inside share one COMMIT; what must follow the COMMIT (telling an
-        agent, writing a result record, answering a waiter) runs once it is done, and
-        not at all if it fails. Synchronous: no await inside."""
+        """The writes inside share one COMMIT (the group's, inside a group transaction);
+        what must follow the COMMIT (telling an agent, writing a result record, answering
+        a waiter) runs once it is done, and not at all if it fails. Synchronous: no await
+        inside."""
         if self._after_commit is not None:
             yield
             return
@@ -217,6 +222,9 @@ class Dispatcher:
             later, to_record = self._after_commit, self._to_record
         finally:
             self._after_commit, self._to_record = None, []
+        self.commits.after(lambda: self._committed(later, to_record))
+
+    def _committed(self, later: list[Callable[[], None]], to_record: list[store.Job]) -> None:
         if to_record:
             self._record_then_notify(to_record)
         for action in later:
@@ -249,7 +257,8 @@ class Dispatcher:
                 self._wake.clear()
                 began = time.perf_counter()
                 try:
-                    self.run_once(woken)
+                    # With the submits and reports of this turn: one COMMIT for all.
+                    self.commits.flush_with(functools.partial(self.run_once, woken))
                 except Exception:
                     log.exception("dispatcher pass failed; retrying")
                 # A pass reads the queue; under a flood of submits and results, a pass per
@@ -280,8 +289,8 @@ class Dispatcher:
     async def _record_in_thread(self, jobs: list[store.Job]) -> None:
         try:
             written = await asyncio.to_thread(self._write_records, jobs)
-            if written:
-                self.store.mark_recorded(*written)
+            if written:  # noted with the next group of writes (record_missing otherwise)
+                self.commits.call(lambda: self.store.mark_recorded(*written))
         except Exception:  # the records are written later (record_missing)
             log.exception("could not note written result records")
         finally:
@@ -677,8 +686,9 @@ class Dispatcher:
                     for msg in msgs:
                         self._output(msg)
             return
-        failed: dict[int, tuple[agents.Link, Exception]] = {}
-        try:
+        failed: dict[int, tuple[agents.Link, BaseException]] = {}
+
+        def store_bursts() -> None:
             with self._batch():
                 for link, msgs in bursts:
                     # Each agent's burst under a savepoint of its own: a report that cannot
@@ -694,6 +704,9 @@ class Dispatcher:
                                       len(msgs), link.name)
                         del self._after_commit[marks[0]:], self._to_record[marks[1]:]
                         failed[id(link)] = (link, exc)
+
+        try:  # with the submits of this turn: one COMMIT for all
+            self.commits.flush_with(store_bursts)
         except Exception as exc:  # the COMMIT failed (a full disk): nothing is stored
             log.exception("could not store %d agent reports", sum(len(m) for _, m in bursts))
             failed.update({id(link): (link, exc) for link, _ in bursts})

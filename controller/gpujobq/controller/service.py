@@ -8,7 +8,6 @@ from collections.abc import Callable
 from gpujobq.controller import (
     accounts,
     crashpoints,
-    database,
     dispatcher,
     errors,
     ratelimit,
@@ -36,7 +35,7 @@ class JobService:
         self.settings = settings
         self.clock = clock
         self.stopping = False  # set on SIGTERM: no new jobs, waiters answer at once
-        self.commits = database.GroupCommit(store.db)
+        self.commits = dispatcher.commits
         self._authenticate = accounts.Authenticator(store.db)
         # _runnable's verdicts: (GPUs, labels) -> (dispatcher.fleet_version, why never)
         self._never: dict[tuple[int, tuple[tuple[str, str], ...]], tuple[int, str | None]] = {}
