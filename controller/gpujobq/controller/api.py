@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from typing import Annotated, Any
 
@@ -232,6 +233,24 @@ def _result(request: Request[Any, Any, Any], job: store.Job) -> SubmitReply:
     )
 
 
+KEEP_CONFIGS = 4096  # parsed config.yaml files kept, at most 4 KiB each
+
+
+def _config(raw: bytes) -> jobconfig.JobConfig:
+    """config.yaml parsed. A user sends the same file submission after submission, and
+    parsing YAML costs more than the rest of a submit's checks together (~60 us), so the
+    result is kept: it depends on the bytes alone (JobConfig is frozen). Not for a file
+    holding a token (no token stays in memory as text) or a large one."""
+    if len(raw) > 4096 or b"token" in raw:
+        return jobconfig.parse(raw)
+    return _parsed(raw)
+
+
+@functools.lru_cache(maxsize=KEEP_CONFIGS)
+def _parsed(raw: bytes) -> jobconfig.JobConfig:
+    return jobconfig.parse(raw)  # a refusal raises: never kept
+
+
 FORM_FIELDS = ("code", "config_file")
 SUBMIT_QUERY = ("wait",)
 
@@ -279,7 +298,7 @@ async def submit(request: Request[Any, Any, Any], wait: bool = True) -> Response
     if not code.strip():
         raise errors.BadRequest("Form field 'code' is empty")
     try:
-        config = jobconfig.parse(raw_config)
+        config = _config(raw_config)
     except jobconfig.ConfigError as exc:
         raise (errors.BadRequest if exc.malformed else errors.Unprocessable)(str(exc)) from exc
     if config.user_id != user:

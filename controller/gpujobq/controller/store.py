@@ -8,6 +8,7 @@ attempt or unknown job. Terminal states are never left.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
@@ -84,14 +85,33 @@ class NewJob(msgspec.Struct, frozen=True, kw_only=True):
     idempotency_key: str | None = None
 
 
+_gpus = msgspec.json.Decoder(tuple[int, ...])
+
+
 def _job(row: tuple[Any, ...]) -> Job:
     values = list(row)
     values[6] = Status(values[6])
-    values[12] = tuple(json.loads(values[12])) if values[12] else ()
+    values[12] = _gpus.decode(values[12]) if values[12] else ()
     values[13] = bool(values[13])
     values[18] = values[18] or b""
     values[19] = values[19] or b""
     return Job(*values)
+
+
+@functools.lru_cache(maxsize=64)
+def _update_sql(allowed: frozenset[Status], columns: tuple[str, ...], raw_sets: str | None,
+                fenced: bool) -> tuple[str, tuple[str, ...]]:
+    """A guarded transition's UPDATE (made once per kind of transition), and the states
+    it may leave, in the order its placeholders take them."""
+    assignments = ["status = ?", *(f"{col} = ?" for col in columns)]
+    if raw_sets:
+        assignments.append(raw_sets)
+    states = tuple(sorted(s.value for s in allowed))
+    sql = (f"UPDATE jobs SET {', '.join(assignments)} WHERE id = ?"
+           f" AND status IN ({', '.join('?' * len(states))})")
+    if fenced:
+        sql += " AND attempt = ?"
+    return f"{sql} RETURNING {_COLUMNS}", states
 
 
 class QueueStats(NamedTuple):
@@ -411,25 +431,17 @@ class Store:
         raw_sets: str | None = None,
         also: tuple[str, list[list[Any]]] | None = None,
     ) -> Job:
-        sets = dict(sets or {})
-        assignments = ["status = ?", *(f"{col} = ?" for col in sets)]
-        if raw_sets:
-            assignments.append(raw_sets)
-        states = sorted(s.value for s in allowed)
-        sql = (
-            f"UPDATE jobs SET {', '.join(assignments)} WHERE id = ?"
-            f" AND status IN ({', '.join('?' * len(states))})"
-        )
+        sets = sets or {}
+        sql, states = _update_sql(frozenset(allowed), tuple(sets), raw_sets, attempt is not None)
         args: list[Any] = [to.value, *sets.values(), job_id, *states]
         if attempt is not None:
-            sql += " AND attempt = ?"
             args.append(attempt)
         now = self.clock()
         with database.write(self.db):
             # Where it comes from, for the event: the one allowed state, or as it is now.
             before = (states[0],) if len(states) == 1 else self.db.execute(
                 "SELECT status FROM jobs WHERE id = ?", [job_id]).fetchone()
-            row = self.db.execute(f"{sql} RETURNING {_COLUMNS}", args).fetchone()
+            row = self.db.execute(sql, args).fetchone()
             if row is None:
                 found = self.db.execute(
                     "SELECT status, attempt FROM jobs WHERE id = ?", [job_id]).fetchone()
