@@ -218,12 +218,18 @@ VERSION = 1 + len(MIGRATIONS)  # the schema this code reads and writes
 
 
 @contextlib.contextmanager
-def write(db: sqlite_utils.Database) -> Iterator[sqlite_utils.Database]:
+def write(db: sqlite_utils.Database, *, nested: bool = True) -> Iterator[sqlite_utils.Database]:
     """One write transaction, taken with BEGIN IMMEDIATE so count-then-insert cannot race.
 
     Rolled back on any error, a failed COMMIT included (a full disk fails there), so the
-    connection is never left inside a transaction.
+    connection is never left inside a transaction. Inside batch() (or a GroupCommit) it
+    is a savepoint of that transaction; ``nested=False``: not even that, for a writer
+    whose failure leaves nothing to undo but what its caller's savepoint undoes (every
+    writer in a batch runs under one: GroupCommit's, or the dispatcher's per agent).
     """
+    if getattr(db, "_batched", False) and not nested:
+        yield db
+        return
     if getattr(db, "_batched", False):  # inside batch(): a savepoint of its transaction
         db.execute("SAVEPOINT write")
         try:

@@ -78,13 +78,12 @@ def write(folder: pathlib.Path, job: store.Job) -> pathlib.Path:
         started_at=iso(job.started_at), completed_at=iso(job.completed_at),
     )
     line = msgspec.json.encode(record) + b"\n"
-    folder.mkdir(parents=True, exist_ok=True)
     base = f"{job.user_id}_{job.competition_id}_{stamp}"
     # An admin's rerun of a job writes a record of its own: records are never replaced.
     for name in (f"{base}.jsonl", f"{base}_{job.id}.jsonl", f"{base}_{job.id}_{job.attempt}.jsonl"):
         path = folder / name
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
+            fd = _create(path)
         except FileExistsError:
             if _holds(path, job.id, job.attempt):
                 return path  # written before a crash: never a second record
@@ -95,6 +94,16 @@ def write(folder: pathlib.Path, job: store.Job) -> pathlib.Path:
             os.fsync(fh.fileno())
         return path
     raise FileExistsError(f"{base}: every record name is taken")
+
+
+def _create(path: pathlib.Path) -> int:
+    """A new record file, open for writing; its folder is made the first time."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+    try:
+        return os.open(path, flags, 0o640)
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(path, flags, 0o640)
 
 
 def prune(folder: pathlib.Path, older_than_days: float, now: float) -> list[str]:

@@ -437,7 +437,7 @@ class Store:
         if attempt is not None:
             args.append(attempt)
         now = self.clock()
-        with database.write(self.db):
+        with database.write(self.db, nested=False):
             # Where it comes from, for the event: the one allowed state, or as it is now.
             before = (states[0],) if len(states) == 1 else self.db.execute(
                 "SELECT status FROM jobs WHERE id = ?", [job_id]).fetchone()
