@@ -126,6 +126,13 @@ in the harness's own process (tests/bench/load.py), so the client costs less tha
 server it measures. All processes share the machine's cores: on a 2-core machine the
 load generator, the controller and the agents compete for them, and the figures are a
 floor for a controller with a machine of its own.
+
+Where a goal is missed, the notes say what bounds the figure on this machine: B3 and
+B8 give the CPU each process spent per job (the controller is one Python event loop:
+its CPU per job caps the rate even with a core to itself), B5 the server CPU per
+request of ours and of the bare route and what a durable COMMIT costs here, B10 the
+CPU each process spent per 64 MiB while the follower read (against the raw channel's
+two ends). The machine is a shared VM: figures move by 10-20% between runs.
 """
 
 
