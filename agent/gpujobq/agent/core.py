@@ -29,6 +29,10 @@ Sender = Callable[[messages.Up], None]
 
 LIVE_FLUSH = 0.2  # seconds live output may wait to be batched into one message
 OUTPUT_PIECE = 1 << 20  # bytes of output per message at most
+# A job writing in bulk (reads this large) has what it wrote last sent once it pauses
+# this long, not LIVE_FLUSH later; small prints are still batched for LIVE_FLUSH.
+BULK_READ = 64 << 10
+BULK_PAUSE = 0.01
 # After a job on real GPUs ends, how long its GPUs may take to let go of its processes
 # before they are reported dirty and held back.
 SETTLE = 3.0
@@ -68,7 +72,8 @@ class _Reporter:
         # it has.
         self.history: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
         self.sent = dict.fromkeys(self.history, 0)  # bytes of each stream sent
-        self.timer: asyncio.TimerHandle | None = None
+        self.timer: asyncio.TimerHandle | None = None  # LIVE_FLUSH after the first pending
+        self.pause: asyncio.TimerHandle | None = None  # BULK_PAUSE after the last bulk read
 
     def started(self) -> None:
         self.agent._report(messages.Started(
@@ -78,14 +83,18 @@ class _Reporter:
         self.pending[stream].append(data)
         self.pending_size[stream] += len(data)
         if self.pending_size[stream] >= OUTPUT_PIECE:  # a full piece goes at once
-            if self.timer is not None:
-                self.timer.cancel()
             self.flush()
-        elif self.timer is None:
-            self.timer = asyncio.get_running_loop().call_later(LIVE_FLUSH, self.flush)
+            return
+        loop = asyncio.get_running_loop()
+        if self.timer is None:
+            self.timer = loop.call_later(LIVE_FLUSH, self.flush)
+        if len(data) >= BULK_READ:
+            if self.pause is not None:
+                self.pause.cancel()
+            self.pause = loop.call_later(BULK_PAUSE, self.flush)
 
     def flush(self) -> None:
-        self.timer = None
+        self.close()
         for stream, parts in self.pending.items():
             if parts:
                 data = parts[0] if len(parts) == 1 else b"".join(parts)
@@ -115,9 +124,10 @@ class _Reporter:
         self.flush()
 
     def close(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        for timer in (self.timer, self.pause):
+            if timer is not None:
+                timer.cancel()
+        self.timer = self.pause = None
 
 
 class Agent:
