@@ -260,7 +260,8 @@ class DockerRuntime:
         try:
             reason = await self._supervise(container, job, cancel, flood, output_dir,
                                            max(0.0, job.time_limit - elapsed))
-            await self._call(container.wait)
+            if reason is not Reason.EXIT_CODE:  # stopped by us: wait until it is gone
+                await self._call(container.wait)
         except asyncio.CancelledError:
             # The agent itself is stopping: the container runs on, and the next agent
             # adopts it (its spool folder stays).
