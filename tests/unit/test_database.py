@@ -458,3 +458,52 @@ async def test_group_commit_failure_fails_every_write(tmp_path: pathlib.Path) ->
     assert all(isinstance(g, sqlite3.OperationalError) for g in got), got
     assert db.execute("SELECT count(*) FROM t").fetchone()[0] == 0
     assert not db.conn.in_transaction
+
+
+async def test_flush_with_takes_the_queued_writes_into_one_commit(tmp_path: pathlib.Path
+                                                                   ) -> None:
+    """A writer that cannot wait (an agent's reports) takes the submits queued in this
+    turn into its transaction; what must follow the COMMIT runs after it, in order."""
+    import asyncio
+
+    db = database.open_database(tmp_path / "g.db")
+    db.execute("CREATE TABLE t (v INTEGER UNIQUE)")
+    commits = database.GroupCommit(db)
+    events: list[str] = []
+    db.conn.set_trace_callback(lambda sql: events.append(sql) if sql == "COMMIT" else None)
+    failed: list[BaseException] = []
+
+    def insert(v: int) -> int:
+        db.execute("INSERT INTO t (v) VALUES (?)", [v])
+        return v
+
+    def reports() -> str:
+        with database.write(db):  # a savepoint of the group's transaction
+            db.execute("INSERT INTO t (v) VALUES (10)")
+        commits.after(lambda: events.append("told the agent"))
+        assert not events  # nothing is told before the COMMIT
+        return "stored"
+
+    queued = asyncio.ensure_future(commits.run(lambda: insert(1)))
+    await asyncio.sleep(0)  # its flush is scheduled for the end of the turn
+    commits.call(lambda: insert(1), on_failure=failed.append)  # a clash: undone alone
+    assert commits.flush_with(reports) == "stored"
+    assert events == ["COMMIT", "told the agent"]
+    assert await queued == 1
+    assert isinstance(failed[0], sqlite3.IntegrityError)
+    assert sorted(r[0] for r in db.execute("SELECT v FROM t")) == [1, 10]
+
+    # Nothing queued: the writer runs on its own and takes no transaction it does not need.
+    events.clear()
+    assert commits.flush_with(lambda: "read only") == "read only"
+    assert events == [] and not db.conn.in_transaction
+
+    # A writer that raises: its own writes are undone, the queued ones are kept.
+    def broken() -> None:
+        db.execute("INSERT INTO t (v) VALUES (20)")
+        raise RuntimeError("no")
+
+    commits.call(lambda: insert(2))
+    with pytest.raises(RuntimeError):
+        commits.flush_with(broken)
+    assert sorted(r[0] for r in db.execute("SELECT v FROM t")) == [1, 2, 10]

@@ -312,7 +312,10 @@ class GroupCommit:
     def flush_with(self, fn: Callable[[], T]) -> T:
         """Run what is queued and ``fn`` in one transaction, now; ``fn``'s result, or its
         exception (its writes undone), or the COMMIT's."""
-        if self._after is not None:  # inside a flush already: join its transaction
+        if self._after is not None or not self._queued:
+            # Inside a flush already: join its transaction. Nothing queued: ``fn`` takes a
+            # transaction only if it writes (a dispatcher pass that places nothing costs
+            # no BEGIN and COMMIT).
             return fn()
         outcome: list[T] = []
         failure: list[BaseException] = []
