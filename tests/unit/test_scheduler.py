@@ -719,3 +719,23 @@ def test_plan_is_deterministic_and_leaves_its_inputs_alone() -> None:
     copies = (list(queue), list(hosts), list(taken))
     assert plan(queue, hosts, taken, now) == plan(queue, hosts, taken, now)
     assert (queue, hosts, taken) == copies
+
+
+def test_best_fit_is_the_fullest_usable_host_then_unreserved_then_by_name() -> None:
+    """_best_fit against the rule written out as a sort, on random fleets."""
+    from gpujobq.controller.scheduler import _best_fit, _may_use, _Reservation
+
+    rng = random.Random(7)
+    for _ in range(500):
+        names = rng.sample([f"h{i:02d}" for i in range(30)], rng.randint(1, 12))
+        hosts = sorted((HostView(name=n, gpus=tuple(GPU(index=i) for i in range(8)))
+                        for n in names), key=lambda h: h.name)
+        free = {h.name: list(h.gpus[:rng.randint(0, 8)]) for h in hosts}
+        reservations = {n: _Reservation(rng.choice([50.0, 500.0]), rng.randint(0, 3))
+                        for n in names if rng.random() < 0.3}
+        job = Queued(job_id="j", gpus=rng.randint(1, 4), time_limit=rng.choice([10.0, 100.0]))
+        fits = [h for h in hosts if len(free[h.name]) >= job.gpus
+                and _may_use(reservations.get(h.name), job, 0.0)]
+        expected = min(fits, key=lambda h: (len(free[h.name]) - job.gpus,
+                                            h.name in reservations, h.name), default=None)
+        assert _best_fit(job, hosts, free, reservations, 0.0) == expected

@@ -130,12 +130,21 @@ def plan(
                            key=lambda g: g.index) for h in hosts}
     up = [h for h in hosts if h.state == "up"]
     eligible_cache: dict[tuple[int, tuple[tuple[str, str], ...]], list[HostView]] = {}
+    up_cache: dict[tuple[int, tuple[tuple[str, str], ...]], list[HostView]] = {}
 
     def eligible(job: Queued) -> list[HostView]:
         key = (job.gpus, tuple(sorted(job.labels.items())))
         if key not in eligible_cache:
             eligible_cache[key] = [h for h in hosts if _eligible(job, h)]
         return eligible_cache[key]
+
+    def eligible_up(job: Queued) -> list[HostView]:
+        """The eligible hosts that are up, by name (the best fit's tie-break)."""
+        key = (job.gpus, tuple(sorted(job.labels.items())))
+        if key not in up_cache:
+            up_cache[key] = sorted((h for h in eligible(job) if h.state == "up"),
+                                   key=lambda h: h.name)
+        return up_cache[key]
 
     reservations: dict[str, _Reservation] = {}
     assignments: list[Assignment] = []
@@ -146,13 +155,9 @@ def plan(
         reason = _blocked(job, hosts_for_job)
         if reason is None:
             # A deep queue on a full fleet skips the search: nothing can fit.
-            fits = [] if job.gpus > most_free else [
-                h for h in hosts_for_job
-                if h.state == "up" and len(free[h.name]) >= job.gpus
-                and _may_use(reservations.get(h.name), job, now)]
-            if fits:
-                host = min(fits, key=lambda h: (len(free[h.name]) - job.gpus,
-                                                h.name in reservations, h.name))
+            host = None if job.gpus > most_free else _best_fit(
+                job, eligible_up(job), free, reservations, now)
+            if host is not None:
                 _charge(reservations.get(host.name), job, now)
                 got, free[host.name] = free[host.name][: job.gpus], free[host.name][job.gpus:]
                 assignments.append(Assignment(job.job_id, host.name, tuple(got)))
@@ -171,6 +176,26 @@ def plan(
         for i, (job, reason) in enumerate(unplaced, start=1)
     }
     return Plan(assignments, waiting)
+
+
+def _best_fit(job: Queued, up: list[HostView], free: dict[str, list[GPU]],
+              reservations: dict[str, _Reservation], now: float) -> HostView | None:
+    """Of the up hosts (by name) the job may use now, the one it fills best: fewest GPUs
+    left over, then one no other job reserves, then the first by name."""
+    best, best_key = None, (0, False)
+    for host in up:
+        left = len(free[host.name]) - job.gpus
+        if left < 0:
+            continue
+        res = reservations.get(host.name) if reservations else None
+        if res is not None and not _may_use(res, job, now):
+            continue
+        key = (left, res is not None)
+        if best is None or key < best_key:
+            best, best_key = host, key
+            if key == (0, False):
+                break  # nothing fills it better; later hosts come after it by name
+    return best
 
 
 def _blocked(job: Queued, hosts_for_job: list[HostView]) -> str | None:
