@@ -151,3 +151,19 @@ def test_kept_tokens_are_what_is_used(tmp_path: pathlib.Path) -> None:
     served.execute("DELETE FROM tokens")  # on its own connection: no version change
     assert auth(token, NOW) == "bob"  # answered from memory, no query
     assert accounts.authenticate(served, token, NOW) is None
+
+
+async def test_in_the_event_loop_a_change_is_seen_from_the_next_turn(
+        tmp_path: pathlib.Path) -> None:
+    import asyncio
+
+    served = database.open_database(tmp_path / "t.db")
+    admin = database.open_database(tmp_path / "t.db")
+    accounts.add_user(admin, "bob", NOW)
+    token = accounts.issue_token(admin, "bob", NOW, days=1)
+    auth = accounts.Authenticator(served)
+    assert auth(token, NOW) == "bob"
+    accounts.set_disabled(admin, "bob", NOW)
+    assert auth(token, NOW) == "bob"  # the same turn: requests that arrived together
+    await asyncio.sleep(0)
+    assert auth(token, NOW) is None  # the next turn sees the admin's change

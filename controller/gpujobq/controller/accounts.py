@@ -9,6 +9,8 @@ long a refusal takes says nothing about how much of a guess was right.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -171,12 +173,19 @@ class Authenticator:
         self.db = db
         self._valid: dict[str, tuple[str, float]] = {}  # digest -> (user, expires_at)
         self._version: int | None = None
+        self._looked = False  # data_version read in this turn of the event loop
 
     def __call__(self, token: str, now: float) -> str | None:
-        version = self.db.conn.execute("PRAGMA data_version").fetchone()[0]
-        if version != self._version:
-            self._valid.clear()
-            self._version = version
+        if not self._looked:
+            # Once per turn of the event loop: the requests of one turn arrived together,
+            # and another process's write is seen from the next turn on.
+            version = self.db.conn.execute("PRAGMA data_version").fetchone()[0]
+            if version != self._version:
+                self._valid.clear()
+                self._version = version
+            with contextlib.suppress(RuntimeError):  # no loop (a script): look every time
+                asyncio.get_running_loop().call_soon(self._new_turn)
+                self._looked = True
         kept = self._valid.get(_digest(token))
         if kept is not None and now < kept[1]:
             return kept[0]
@@ -187,6 +196,10 @@ class Authenticator:
             self._valid.clear()
         self._valid[_digest(token)] = found
         return found[0]
+
+
+    def _new_turn(self) -> None:
+        self._looked = False
 
 
 def token_id(db: sqlite_utils.Database, token: str) -> str | None:

@@ -779,35 +779,40 @@ class Dispatcher:
     def _exited(self, link: agents.Link, msg: messages.Exited) -> None:
         self._set_dirty(link, msg.dirty)
         self.lingering.pop((msg.job_id, msg.attempt), None)
-        job = self.store.get(msg.job_id, output=False)  # a running job has none stored
-        if (
-            job is not None and job.status is Status.RUNNING
-            and job.attempt == msg.attempt and job.node == link.name
-        ):
-            try:
-                reason = Reason(msg.reason)
-            except ValueError:
-                reason = Reason.INFRA_ERROR
-            if reason is Reason.NODE_LOST:
-                # Its agent stopped it: the controller was out of reach past the lease.
-                self._requeue(job, f"node lost: {msg.detail}")
+        try:
+            reason = Reason(msg.reason)
+        except ValueError:
+            reason = Reason.INFRA_ERROR
+        if reason in (Reason.NODE_LOST, Reason.REQUEUED):
+            job = self.store.get(msg.job_id, output=False)  # a running job has none stored
+            if (
+                job is not None and job.status is Status.RUNNING
+                and job.attempt == msg.attempt and job.node == link.name
+            ):
+                if reason is Reason.NODE_LOST:
+                    # Its agent stopped it: the controller was out of reach past the lease.
+                    self._requeue(job, f"node lost: {msg.detail}")
+                else:
+                    # The agent would not start it (its GPUs were not free there): back to
+                    # the queue, no retry counted; those GPUs wait for its next heartbeat.
+                    self._requeue(job, f"refused by agent {link.name}: {msg.detail}",
+                                  count=False)
                 self._send(link, messages.Ack(job_id=msg.job_id, attempt=msg.attempt))
                 return
-            if reason is Reason.REQUEUED:
-                # The agent would not start it (its GPUs were not free there): back to the
-                # queue, no retry counted; those GPUs wait for the agent's next heartbeat.
-                self._requeue(job, f"refused by agent {link.name}: {msg.detail}", count=False)
-                self._send(link, messages.Ack(job_id=msg.job_id, attempt=msg.attempt))
-                return
-            job = self.store.finish(
-                job.id, msg.attempt,
-                status=final_status(reason, msg.exit_code),
-                reason=reason.value, exit_code=msg.exit_code,
-                stdout=msg.stdout, stderr=msg.stderr, detail=msg.detail or None, at=msg.at,
-                files=[(f.name, f.data) for f in msg.files],
-            )
-            self._finished(job)
-            self._later(lambda: crashpoints.reach("before_ack"))  # stored, not acked yet
+        else:
+            try:  # only while that attempt runs there: else stale, or stored before
+                job = self.store.finish(
+                    msg.job_id, msg.attempt, node=link.name,
+                    status=final_status(reason, msg.exit_code),
+                    reason=reason.value, exit_code=msg.exit_code,
+                    stdout=msg.stdout, stderr=msg.stderr, detail=msg.detail or None,
+                    at=msg.at, files=[(f.name, f.data) for f in msg.files],
+                )
+            except errors.TransitionError:
+                pass
+            else:
+                self._finished(job)
+                self._later(lambda: crashpoints.reach("before_ack"))  # stored, not acked yet
         # Stored now (or stale, or stored before): the agent may drop its copy.
         self._send(link, messages.Ack(job_id=msg.job_id, attempt=msg.attempt))
         self.wake()

@@ -100,7 +100,7 @@ def _job(row: tuple[Any, ...]) -> Job:
 
 @functools.lru_cache(maxsize=64)
 def _update_sql(allowed: frozenset[Status], columns: tuple[str, ...], raw_sets: str | None,
-                fenced: bool) -> tuple[str, tuple[str, ...]]:
+                fenced: bool, placed: bool = False) -> tuple[str, tuple[str, ...]]:
     """A guarded transition's UPDATE (made once per kind of transition), and the states
     it may leave, in the order its placeholders take them."""
     assignments = ["status = ?", *(f"{col} = ?" for col in columns)]
@@ -111,6 +111,8 @@ def _update_sql(allowed: frozenset[Status], columns: tuple[str, ...], raw_sets: 
            f" AND status IN ({', '.join('?' * len(states))})")
     if fenced:
         sql += " AND attempt = ?"
+    if placed:
+        sql += " AND node = ?"
     return f"{sql} RETURNING {_COLUMNS}", states
 
 
@@ -263,16 +265,23 @@ class Store:
         ).fetchone()
         if n_active >= limits.active or n_recent >= limits.submits:
             self._refuse(new.user_id, limits, now)
-        row = self.db.execute(
+        seq = self.db.execute(
             "INSERT INTO jobs (id, user_id, competition_id, project_id, expected_time,"
             " time_limit, status, code, config, gpu_count, idempotency_key, created_at)"
-            f" VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?) RETURNING {_COLUMNS}",
+            " VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?)",
             [new.id, new.user_id, new.competition_id, new.project_id, new.expected_time,
              new.time_limit, new.code, new.config, new.gpu_count, new.idempotency_key,
              now],
-        ).fetchone()
+        ).lastrowid
         self._event(new.id, 0, None, Status.PENDING, now, "submitted", None)
-        return _job(row), True
+        # The row as just written (the columns' defaults), without reading it back.
+        return Job(
+            id=new.id, user_id=new.user_id, competition_id=new.competition_id,
+            project_id=new.project_id, expected_time=float(new.expected_time),
+            time_limit=float(new.time_limit), status=Status.PENDING, reason=None,
+            detail=None, attempt=0, retries=0, node=None, gpus=(), cancel_requested=False,
+            created_at=now, started_at=None, completed_at=None, exit_code=None, stdout=b"",
+            stderr=b"", seq=int(seq or 0), gpu_count=new.gpu_count), True
 
     def _refuse(self, user_id: str, limits: ratelimit.Limits, now: float) -> None:
         """At a limit: raise RateLimited with the verdict's detail and Retry-After."""
@@ -328,12 +337,15 @@ class Store:
         detail: str | None,
         at: float,
         files: Iterable[tuple[str, bytes]] = (),
+        node: str | None = None,
     ) -> Job:
-        """running -> a terminal state, with the result (and the job's output files)."""
+        """running -> a terminal state, with the result (and the job's output files);
+        ``node``: only if the attempt runs there."""
         assert status in TERMINAL
         rows = [[job_id, attempt, name, data] for name, data in files]
         return self._move(
-            job_id, {Status.RUNNING}, status, attempt=attempt, reason=reason, detail=detail,
+            job_id, {Status.RUNNING}, status, attempt=attempt, node=node, reason=reason,
+            detail=detail,
             sets={"exit_code": exit_code, "stdout": stdout, "stderr": stderr,
                   "completed_at": at, "reason": reason, "detail": detail},
             also=("INSERT INTO job_files (job_id, attempt, name, data) VALUES (?, ?, ?, ?)", rows),
@@ -425,6 +437,7 @@ class Store:
         to: Status,
         *,
         attempt: int | None = None,
+        node: str | None = None,
         reason: str | None = None,
         detail: str | None = None,
         sets: dict[str, Any] | None = None,
@@ -432,10 +445,13 @@ class Store:
         also: tuple[str, list[list[Any]]] | None = None,
     ) -> Job:
         sets = sets or {}
-        sql, states = _update_sql(frozenset(allowed), tuple(sets), raw_sets, attempt is not None)
+        sql, states = _update_sql(frozenset(allowed), tuple(sets), raw_sets,
+                                  attempt is not None, node is not None)
         args: list[Any] = [to.value, *sets.values(), job_id, *states]
         if attempt is not None:
             args.append(attempt)
+        if node is not None:
+            args.append(node)
         now = self.clock()
         with database.write(self.db, nested=False):
             # Where it comes from, for the event: the one allowed state, or as it is now.
