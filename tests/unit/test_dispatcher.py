@@ -544,3 +544,47 @@ def test_a_burst_that_cannot_be_stored_spoils_no_other_agents_burst(w: World) ->
     assert {w.store.get(j).status for j in on_a} == {Status.RUNNING}
     assert not any(isinstance(m, messages.Ack) for m in w.link.sent)
     assert len(w.link.dropped) == 1
+
+
+def test_a_start_and_end_in_one_burst_are_stored_as_two_separate_ones_would_be(
+        w: World, tmp_path: pathlib.Path) -> None:
+    """Started then Exited in one burst (an instant job, a script that fails at once):
+    one UPDATE, the same row, events and record as when they come apart."""
+    w.d.apply_inventory(inv(host("a", 2)))
+    w.submit("apart", user="u1")
+    w.submit("together", user="u2")
+    w.d.run_once()
+    started = {j: messages.Started(job_id=j, attempt=1, at=w.now - 1)
+               for j in ("apart", "together")}
+    w.d._bursts = [(w.link, [started["apart"]])]
+    w.d._apply_bursts()
+    w.d._bursts = [(w.link, [w.exited("apart", 1)])]
+    w.d._apply_bursts()
+    updates: list[str] = []
+    w.store.db.conn.set_trace_callback(
+        lambda sql: updates.append(sql) if sql.startswith("UPDATE jobs SET status") else None)
+    w.d._bursts = [(w.link, [started["together"], w.exited("together", 1)])]
+    w.d._apply_bursts()
+    w.store.db.conn.set_trace_callback(None)
+    assert len(updates) == 1
+    a, t = w.store.get("apart"), w.store.get("together")
+    same = ("status", "reason", "exit_code", "stdout", "started_at", "completed_at", "attempt")
+    assert [getattr(a, f) for f in same] == [getattr(t, f) for f in same]
+    assert t.started_at == w.now - 1
+    shape = [(e["from_status"], e["to_status"], e["reason"]) for e in w.store.events("apart")]
+    assert shape == [(e["from_status"], e["to_status"], e["reason"])
+                     for e in w.store.events("together")]
+    assert messages.Ack(job_id="together", attempt=1) in w.link.sent
+    assert w.d.started_seen == {} and "together" not in w.d.live
+    assert len(list((tmp_path / "results").glob("u2_c_*.jsonl"))) == 1
+
+
+def test_a_start_whose_end_in_the_burst_is_stale_stores_nothing(w: World) -> None:
+    w.submit("j1")
+    w.d.run_once()
+    w.d._bursts = [(w.link, [messages.Started(job_id="j1", attempt=7, at=w.now),
+                             w.exited("j1", 7)])]
+    w.d._apply_bursts()
+    job = w.store.get("j1")
+    assert (job.status, job.started_at) == (Status.RUNNING, None)
+    assert messages.Ack(job_id="j1", attempt=7) in w.link.sent

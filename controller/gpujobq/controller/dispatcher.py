@@ -109,6 +109,10 @@ class Dispatcher:
         self._recording: set[asyncio.Task[None]] = set()  # records being written
         self._recording_ids: set[str] = set()  # the jobs they write
         self._bursts: list[tuple[agents.Link, list[messages.Up]]] = []  # reports to store
+        # Within one agent's burst being stored: the attempts its Exited messages end
+        # (normally), and the Started of those seen so far: (at, monotonic when seen).
+        self._ending: set[tuple[str, int]] = set()
+        self._starting: dict[tuple[str, int], tuple[float, float]] = {}
         # The event loop's writes share one transaction per turn: submits, reports,
         # dispatches and notes of written records (see database.GroupCommit).
         self.commits = database.GroupCommit(store.db)
@@ -695,6 +699,10 @@ class Dispatcher:
                     # be stored undoes that burst (and what was to follow it), not others'.
                     assert self._after_commit is not None
                     marks = len(self._after_commit), len(self._to_record)
+                    # A job that started and ended within the burst (an instant job, a
+                    # script that fails at once) is stored by one UPDATE, not two.
+                    self._ending = {(m.job_id, m.attempt) for m in msgs
+                                    if type(m) is messages.Exited and m.reason not in _REQUEUES}
                     try:
                         with database.write(self.store.db):
                             for msg in msgs:
@@ -704,6 +712,9 @@ class Dispatcher:
                                       len(msgs), link.name)
                         del self._after_commit[marks[0]:], self._to_record[marks[1]:]
                         failed[id(link)] = (link, exc)
+                    finally:
+                        self._ending = set()
+                        self._starting.clear()
 
         try:  # with the submits of this turn: one COMMIT for all
             self.commits.flush_with(store_bursts)
@@ -725,13 +736,12 @@ class Dispatcher:
             return
         try:
             match msg:
+                case messages.Started() if (msg.job_id, msg.attempt) in self._ending:
+                    # Stored with its Exited, further on in this burst (see _exited).
+                    self._starting[(msg.job_id, msg.attempt)] = (msg.at, self.mono())
                 case messages.Started():
                     job = self.store.mark_started(msg.job_id, msg.attempt, msg.at)
-                    now = self.started_seen[msg.job_id] = self.mono()
-                    sent = self.dispatched_at.get(msg.job_id)
-                    latency = None if sent is None else now - sent
-                    waited = self.clock() - job.created_at
-                    self._later(lambda: self.observer.job_started(job, waited, latency))
+                    self._started(job, self.mono())
                     self.live[msg.job_id] = live_mod.LiveOutput(msg.attempt)
                     self._later(lambda: self.changes.notify(msg.job_id))
                 case messages.Output():
@@ -742,6 +752,14 @@ class Dispatcher:
                     self._heartbeat(link, msg)
         except errors.TransitionError as exc:
             log.info("ignored a stale report: %s", exc)
+
+    def _started(self, job: store.Job, seen: float) -> None:
+        """An attempt's start is stored: what the metrics and the planner keep of it."""
+        self.started_seen[job.id] = seen
+        sent = self.dispatched_at.get(job.id)
+        latency = None if sent is None else seen - sent
+        waited = self.clock() - job.created_at
+        self._later(lambda: self.observer.job_started(job, waited, latency))
 
     def _output(self, msg: messages.Output) -> None:
         live = self.live.get(msg.job_id)
@@ -800,6 +818,7 @@ class Dispatcher:
                 self._send(link, messages.Ack(job_id=msg.job_id, attempt=msg.attempt))
                 return
         else:
+            start = self._starting.pop((msg.job_id, msg.attempt), None)
             try:  # only while that attempt runs there: else stale, or stored before
                 job = self.store.finish(
                     msg.job_id, msg.attempt, node=link.name,
@@ -807,10 +826,13 @@ class Dispatcher:
                     reason=reason.value, exit_code=msg.exit_code,
                     stdout=msg.stdout, stderr=msg.stderr, detail=msg.detail or None,
                     at=msg.at, files=[(f.name, f.data) for f in msg.files],
+                    started_at=None if start is None else start[0],
                 )
             except errors.TransitionError:
                 pass
             else:
+                if start is not None:
+                    self._started(job, start[1])
                 self._finished(job)
                 self._later(lambda: crashpoints.reach("before_ack"))  # stored, not acked yet
         # Stored now (or stale, or stored before): the agent may drop its copy.
@@ -843,6 +865,10 @@ class Dispatcher:
                 log.info("could not send %s: %s", type(msg).__name__, exc)
 
         self._later(send)
+
+
+# Exited reasons that put the job back in the queue instead of ending it.
+_REQUEUES = frozenset({Reason.NODE_LOST.value, Reason.REQUEUED.value})
 
 
 def _endpoint(link: agents.Link) -> tuple[object, ...]:

@@ -338,16 +338,21 @@ class Store:
         at: float,
         files: Iterable[tuple[str, bytes]] = (),
         node: str | None = None,
+        started_at: float | None = None,
     ) -> Job:
         """running -> a terminal state, with the result (and the job's output files);
-        ``node``: only if the attempt runs there."""
+        ``node``: only if the attempt runs there. ``started_at``: its start too, stored
+        in the same UPDATE with its own "started" event before the ending one (a job
+        whose Started and Exited arrived together), as mark_started then finish would."""
         assert status in TERMINAL
         rows = [[job_id, attempt, name, data] for name, data in files]
+        sets = {"exit_code": exit_code, "stdout": stdout, "stderr": stderr,
+                "completed_at": at, "reason": reason, "detail": detail}
+        if started_at is not None:
+            sets["started_at"] = started_at
         return self._move(
             job_id, {Status.RUNNING}, status, attempt=attempt, node=node, reason=reason,
-            detail=detail,
-            sets={"exit_code": exit_code, "stdout": stdout, "stderr": stderr,
-                  "completed_at": at, "reason": reason, "detail": detail},
+            detail=detail, sets=sets, started=started_at is not None,
             also=("INSERT INTO job_files (job_id, attempt, name, data) VALUES (?, ?, ?, ?)", rows),
         )
 
@@ -443,6 +448,7 @@ class Store:
         sets: dict[str, Any] | None = None,
         raw_sets: str | None = None,
         also: tuple[str, list[list[Any]]] | None = None,
+        started: bool = False,
     ) -> Job:
         sets = sets or {}
         sql, states = _update_sql(frozenset(allowed), tuple(sets), raw_sets,
@@ -467,6 +473,9 @@ class Store:
                     + (f" (report for attempt {attempt})" if attempt is not None else "")
                 )
             job = _job(row)  # as the UPDATE left it
+            if started:  # the start it also stores, as mark_started records it
+                self._event(job_id, job.attempt, Status.RUNNING.value, Status.RUNNING, now,
+                            "started", None)
             self._event(job_id, job.attempt, before[0], to, now, reason, detail)
             if also is not None and also[1]:
                 self.db.conn.executemany(*also)
