@@ -47,6 +47,9 @@ def main() -> int:
             for f in got:
                 if f.key in wanted:
                     figures.append(f)
+            # What one figure wrote (B6's million rows) is on disk before the next starts:
+            # its writeback would slow the next one's fsyncs.
+            os.sync()
             print(f"#   {time.monotonic() - started:.0f} s", flush=True)
     figures.sort(key=lambda f: int(f.key[1:]))
     table = stats.table(figures)
@@ -132,7 +135,10 @@ B8 give the CPU each process spent per job (the controller is one Python event l
 its CPU per job caps the rate even with a core to itself), B5 the server CPU per
 request of ours and of the bare route and what a durable COMMIT costs here, B10 the
 CPU each process spent per 64 MiB while the follower read (against the raw channel's
-two ends). The machine is a shared VM: figures move by 10-20% between runs.
+two ends). The machine is a shared VM: figures move by 10-20% between runs, and some
+baselines more (in one afternoon's runs the bare multipart route of B5 went from 2,700
+to 5,000 requests/s while ours stayed at 1,550-1,780/s, and the raw channel of B10 from
+310 to 510 MB/s): read a ratio near its goal together with the CPU notes.
 """
 
 
