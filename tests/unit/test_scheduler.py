@@ -739,3 +739,23 @@ def test_best_fit_is_the_fullest_usable_host_then_unreserved_then_by_name() -> N
         expected = min(fits, key=lambda h: (len(free[h.name]) - job.gpus,
                                             h.name in reservations, h.name), default=None)
         assert _best_fit(job, hosts, free, reservations, 0.0) == expected
+
+
+def test_a_pass_without_estimates_places_and_ranks_the_same() -> None:
+    """The dispatcher's passes skip the forecast; nothing else may change."""
+    rng = random.Random(11)
+    for _ in range(200):
+        hosts = [host(f"h{i}", rng.randint(1, 4), labels={"t": rng.choice("ab")},
+                      state=rng.choice(["up", "up", "up", "drained", "down"]))
+                 for i in range(rng.randint(1, 6))]
+        taken = [busy(h.name, 0, user="x", ends_by=rng.choice([50.0, 200.0, INF]),
+                      expected_end=30.0) for h in hosts if rng.random() < 0.5]
+        queue = [job(f"j{k}", rng.choice("uvw"), gpus=rng.randint(1, 3),
+                     labels=rng.choice([{}, {"t": "a"}]), limit=rng.choice([10.0, 100.0]),
+                     expected=5.0) for k in range(rng.randint(0, 30))]
+        full = plan(queue, hosts, taken, 0.0)
+        bare = plan(queue, hosts, taken, 0.0, estimates=False)
+        assert bare.assignments == full.assignments
+        assert {k: (w.position, w.reason) for k, w in bare.waiting.items()} == \
+            {k: (w.position, w.reason) for k, w in full.waiting.items()}
+        assert all(w.estimated_start is None for w in bare.waiting.values())

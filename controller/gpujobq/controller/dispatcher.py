@@ -354,8 +354,10 @@ class Dispatcher:
             if woken:
                 self._plan_fresh = False
             return 0
-        self.plan = self._plan(running)
-        self._plan_fresh, self._plan_at = True, now
+        # Only what starts now: positions and estimates (a forecast over the queue, the
+        # dearest part) are worked out when a status or the board asks for them.
+        self.plan = self._plan(running, estimates=False)
+        self._plan_fresh, self._plan_at = False, now
         with self._batch():
             for assignment in self.plan.assignments:
                 self._dispatch(assignment)
@@ -386,8 +388,8 @@ class Dispatcher:
             time_limit=row.time_limit + self.settings.grace, expected_time=row.expected_time,
         )
 
-    def _plan(self, running: list[store.Job], extra: tuple[scheduler.Queued, ...] = ()
-              ) -> scheduler.Plan:
+    def _plan(self, running: list[store.Job], extra: tuple[scheduler.Queued, ...] = (),
+              estimates: bool = True) -> scheduler.Plan:
         """The scheduler's plan, on the monotonic clock; estimates come back as wall time.
         ``extra``: jobs not in the store, queued after it (``probe``)."""
         now, wall = self.mono(), self.clock()
@@ -410,7 +412,7 @@ class Dispatcher:
         busy += [b for n in self.nodes.values() if (b := n.dirty_busy()) is not None]
         hosts = [n.view(now, timeout) for n in self.nodes.values()]
         queue = [*(self.queued(row) for row in self.store.queue()), *extra]
-        plan = scheduler.plan(queue, hosts, busy, now)
+        plan = scheduler.plan(queue, hosts, busy, now, estimates=estimates)
         for job_id, w in plan.waiting.items():
             if w.estimated_start is not None:
                 plan.waiting[job_id] = scheduler.Waiting(

@@ -118,9 +118,11 @@ class _Reservation:
 
 
 def plan(
-    queue: Sequence[Queued], hosts: Sequence[HostView], busy: Sequence[Busy], now: float
+    queue: Sequence[Queued], hosts: Sequence[HostView], busy: Sequence[Busy], now: float,
+    *, estimates: bool = True,
 ) -> Plan:
-    """Who starts now where, and for each job left waiting: position, reason, estimate."""
+    """Who starts now where, and for each job left waiting: position, reason, estimate
+    (``estimates=False``: none, for a pass that only places jobs)."""
     order = fair_order(queue, busy)
     taken: dict[str, dict[int, Busy]] = {}
     for b in busy:
@@ -149,15 +151,22 @@ def plan(
     reservations: dict[str, _Reservation] = {}
     assignments: list[Assignment] = []
     unplaced: list[tuple[Queued, str]] = []
-    most_free = max((len(free[h.name]) for h in up), default=0)  # an upper bound
+    free_total = sum(len(free[h.name]) for h in up)  # GPUs free on up hosts, as placed
+    all_reserved: set[tuple[int, tuple[tuple[str, str], ...]]] = set()  # keys with no host
+    # left to reserve (reservations only grow within a plan)
+    blocked: dict[tuple[int, tuple[tuple[str, str], ...]], str | None] = {}
     for job in order:
         hosts_for_job = eligible(job)
-        reason = _blocked(job, hosts_for_job)
+        key = (job.gpus, tuple(sorted(job.labels.items())))
+        if key not in blocked:  # the same for every job of a kind, within a plan
+            blocked[key] = _blocked(job, hosts_for_job)
+        reason = blocked[key]
         if reason is None:
             # A deep queue on a full fleet skips the search: nothing can fit.
-            host = None if job.gpus > most_free else _best_fit(
+            host = None if job.gpus > free_total else _best_fit(
                 job, eligible_up(job), free, reservations, now)
             if host is not None:
+                free_total -= job.gpus
                 _charge(reservations.get(host.name), job, now)
                 got, free[host.name] = free[host.name][: job.gpus], free[host.name][job.gpus:]
                 assignments.append(Assignment(job.job_id, host.name, tuple(got)))
@@ -166,13 +175,16 @@ def plan(
                                expected_end=now + job.expected_time)
                 taken.setdefault(host.name, {}).update(dict.fromkeys(started.gpus, started))
                 continue
-            _reserve(job, hosts_for_job, free, taken, reservations)
+            if key not in all_reserved:
+                _reserve(job, hosts_for_job, free, taken, reservations)
+                if all(h.name in reservations for h in eligible_up(job)):
+                    all_reserved.add(key)
             reason = f"waiting for {gpus_phrase(job.gpus)}"
         unplaced.append((job, reason))
 
-    estimates = _forecast(unplaced, eligible, taken, now)
+    starts = _forecast(unplaced, eligible, taken, now) if estimates else {}
     waiting = {
-        job.job_id: Waiting(i, reason, estimates.get(job.job_id))
+        job.job_id: Waiting(i, reason, starts.get(job.job_id))
         for i, (job, reason) in enumerate(unplaced, start=1)
     }
     return Plan(assignments, waiting)
