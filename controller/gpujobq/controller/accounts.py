@@ -129,13 +129,13 @@ def issue_token(db: sqlite_utils.Database, user_id: str, now: float, days: float
 
 def authenticate(db: sqlite_utils.Database, token: str, now: float) -> str | None:
     """The user a valid, unexpired, unrevoked token of an enabled user belongs to."""
-    found = _lookup(db, token, now)
+    found = _lookup(db, token, _digest(token), now)
     return None if found is None else found[0]
 
 
-def _lookup(db: sqlite_utils.Database, token: str, now: float) -> tuple[str, float] | None:
-    """(user, expires_at) of a valid token, or None."""
-    digest = _digest(token)
+def _lookup(db: sqlite_utils.Database, token: str, digest: str, now: float
+            ) -> tuple[str, float] | None:
+    """(user, expires_at) of a valid token (``digest``: its SHA-256), or None."""
     match = _TOKEN.match(token)
     if match:
         row = db.execute(
@@ -162,8 +162,9 @@ class Authenticator:
 
     Users and tokens change only through the admin commands, which write the database
     from another process: any write by another connection bumps SQLite's
-    ``PRAGMA data_version``, and the cache is emptied before it is used again. A revoked
-    token or a disabled user is refused from the next request on, as without the cache.
+    ``PRAGMA data_version`` (read once per turn of the event loop), and the cache is
+    emptied before it is used again. A revoked token or a disabled user is refused from
+    the next turn on.
     A kept token still expires on time; refusals are never kept.
     """
 
@@ -186,15 +187,16 @@ class Authenticator:
             with contextlib.suppress(RuntimeError):  # no loop (a script): look every time
                 asyncio.get_running_loop().call_soon(self._new_turn)
                 self._looked = True
-        kept = self._valid.get(_digest(token))
+        digest = _digest(token)
+        kept = self._valid.get(digest)
         if kept is not None and now < kept[1]:
             return kept[0]
-        found = _lookup(self.db, token, now)
+        found = _lookup(self.db, token, digest, now)
         if found is None:
             return None
         if len(self._valid) >= self.MAX:
             self._valid.clear()
-        self._valid[_digest(token)] = found
+        self._valid[digest] = found
         return found[0]
 
 

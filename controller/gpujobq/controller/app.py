@@ -18,6 +18,7 @@ from gpujobq.controller import (
     api,
     artifacts,
     boardapi,
+    commits,
     database,
     dispatcher,
     metrics,
@@ -117,7 +118,7 @@ def create_app(settings: Settings) -> Litestar:
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         clock = time.time
         db = database.open_database(settings.database)
-        checkpoints = database.Checkpointer(settings.database)
+        checkpoints = commits.Checkpointer(settings.database)
         checkpoints.take_over(db)
         jobs = store.Store(db, clock)
         disp = dispatcher.Dispatcher(store=jobs, settings=settings, inventory=inv,

@@ -7,20 +7,17 @@ transaction; a newer file (made by a newer gpujobq) is refused.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import logging
 import os
 import pathlib
 import sqlite3
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import sqlite_utils
 from gpujobq.controller import errors
 
 T = TypeVar("T")
-log = logging.getLogger(__name__)
 CACHE_KIB = 64 << 10  # page cache per connection
 
 # The current schema, for a new file. A change to it is also a step in MIGRATIONS.
@@ -227,10 +224,10 @@ def write(db: sqlite_utils.Database, *, nested: bool = True) -> Iterator[sqlite_
     whose failure leaves nothing to undo but what its caller's savepoint undoes (every
     writer in a batch runs under one: GroupCommit's, or the dispatcher's per agent).
     """
-    if getattr(db, "_batched", False) and not nested:
+    batched = getattr(db, "_batched", False)
+    if batched and not nested:
         yield db
-        return
-    if getattr(db, "_batched", False):  # inside batch(): a savepoint of its transaction
+    elif batched:  # inside batch(): a savepoint of its transaction
         db.execute("SAVEPOINT write")
         try:
             yield db
@@ -240,15 +237,15 @@ def write(db: sqlite_utils.Database, *, nested: bool = True) -> Iterator[sqlite_
                 db.execute("RELEASE write")
             raise
         db.execute("RELEASE write")
-        return
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        yield db
-        db.execute("COMMIT")
-    except BaseException:
-        if db.conn.in_transaction:  # SQLite may have rolled back already (SQLITE_FULL)
-            db.execute("ROLLBACK")
-        raise
+    else:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+            db.execute("COMMIT")
+        except BaseException:
+            if db.conn.in_transaction:  # SQLite may have rolled back already (SQLITE_FULL)
+                db.execute("ROLLBACK")
+            raise
 
 
 @contextlib.contextmanager
@@ -265,184 +262,6 @@ def batch(db: sqlite_utils.Database) -> Iterator[sqlite_utils.Database]:
             yield db
         finally:
             db._batched = False  # type: ignore[attr-defined]
-
-
-class GroupCommit:
-    """The event loop's writes, grouped: one write transaction and one durable COMMIT
-    (one fsync, one append of each page to the WAL) for everything written in a turn.
-
-    ``await run(fn)`` queues ``fn`` and waits for its result; ``call(fn)`` queues it
-    without waiting. At the end of the loop's current pass, or sooner when
-    ``flush_with`` runs work that cannot wait (the dispatcher's), every queued ``fn`` runs
-    inside one write transaction, each under its own savepoint (one that raises undoes
-    only its own writes), then one COMMIT. Nobody hears back before that COMMIT:
-    acknowledged still means on disk. What a writer must do only once its writes are
-    durable (tell an agent, answer a waiter) it registers with ``after``. A failed COMMIT
-    fails them all, and nothing registered with ``after`` runs.
-    """
-
-    def __init__(self, db: sqlite_utils.Database) -> None:
-        self.db = db
-        self._queued: list[_Queued] = []
-        self._after: list[Callable[[], None]] | None = None  # while flushing
-
-    @property
-    def flushing(self) -> bool:
-        return self._after is not None
-
-    async def run(self, fn: Callable[[], T]) -> T:
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[T] = loop.create_future()
-        self._queue(_Queued(fn, done, None))
-        return await done
-
-    def call(self, fn: Callable[[], object],
-             on_failure: Callable[[BaseException], None] | None = None) -> None:
-        """Run ``fn`` in the next group transaction; ``on_failure`` hears if its writes
-        are not stored (it raised, or the COMMIT failed)."""
-        self._queue(_Queued(fn, None, on_failure))
-
-    def after(self, action: Callable[[], None]) -> None:
-        """Once the COMMIT of the transaction being written is done (at once outside one)."""
-        if self._after is None:
-            action()
-        else:
-            self._after.append(action)
-
-    def flush_with(self, fn: Callable[[], T]) -> T:
-        """Run what is queued and ``fn`` in one transaction, now; ``fn``'s result, or its
-        exception (its writes undone), or the COMMIT's."""
-        if self._after is not None or not self._queued:
-            # Inside a flush already: join its transaction. Nothing queued: ``fn`` takes a
-            # transaction only if it writes (a dispatcher pass that places nothing costs
-            # no BEGIN and COMMIT).
-            return fn()
-        outcome: list[T] = []
-        failure: list[BaseException] = []
-        self._queued.append(_Queued(fn, None, failure.append, outcome.append))
-        self._flush()
-        if failure:
-            raise failure[0]
-        return outcome[0]
-
-    def _queue(self, item: _Queued) -> None:
-        if not self._queued:
-            asyncio.get_running_loop().call_soon(self._flush)
-        self._queued.append(item)
-
-    def _flush(self) -> None:
-        batch, self._queued = self._queued, []
-        if not batch:
-            return
-        outcomes: list[tuple[_Queued, Any, BaseException | None]] = []
-        self._after = after = []
-        try:
-            with write(self.db):
-                self.db._batched = True  # type: ignore[attr-defined]  # writes inside: savepoints
-                try:
-                    for item in batch:
-                        self.db.execute("SAVEPOINT one")
-                        try:
-                            outcomes.append((item, item.fn(), None))
-                        except Exception as exc:
-                            self.db.execute("ROLLBACK TO one")
-                            outcomes.append((item, None, exc))
-                        self.db.execute("RELEASE one")
-                finally:
-                    self.db._batched = False  # type: ignore[attr-defined]
-        except Exception as exc:  # BEGIN or COMMIT failed: nothing of the batch is stored
-            for item in batch:
-                item.fail(exc)
-            return
-        finally:
-            self._after = None
-        for action in after:
-            try:  # one failing must not keep the rest back
-                action()
-            except Exception:
-                log.exception("an action after a commit failed")
-        for item, value, exc in outcomes:
-            if exc is None:
-                item.succeed(value)
-            else:
-                item.fail(exc)
-
-
-class _Queued:
-    """A writer of a group transaction, and whom to tell how it went."""
-
-    def __init__(self, fn: Callable[[], Any], done: asyncio.Future[Any] | None,
-                 on_failure: Callable[[BaseException], None] | None,
-                 on_success: Callable[[Any], None] | None = None) -> None:
-        self.fn, self.done = fn, done
-        self.on_failure, self.on_success = on_failure, on_success
-
-    def succeed(self, value: Any) -> None:
-        if self.done is not None and not self.done.done():  # its request may be gone
-            self.done.set_result(value)
-        if self.on_success is not None:
-            self.on_success(value)
-
-    def fail(self, exc: BaseException) -> None:
-        if self.done is not None and not self.done.done():
-            self.done.set_exception(exc)
-        if self.on_failure is not None:
-            try:
-                self.on_failure(exc)
-            except Exception:
-                log.exception("handling a failed write failed")
-
-
-# ---- checkpoints ------------------------------------------------------------------------
-
-CHECKPOINT_EVERY = 1.0  # seconds between background checkpoints
-# Past this many WAL pages (~80 MiB) a COMMIT checkpoints by itself after all, as SQLite
-# does by default past 1,000: the WAL stays bounded if the background one falls behind.
-BACKSTOP_PAGES = 20_000
-
-
-class Checkpointer:
-    """Copies the WAL back into the database file from a thread, on a connection of its
-    own, so that a COMMIT on the event loop only appends to the WAL.
-
-    By default SQLite checkpoints inside the COMMIT that takes the WAL past 1,000 pages:
-    the event loop would copy and fsync megabytes every few hundred jobs. PASSIVE
-    checkpoints never block the writer or readers; once one has copied everything, the
-    next write starts the WAL over from its beginning, so it does not grow.
-    """
-
-    def __init__(self, path: pathlib.Path, every: float = CHECKPOINT_EVERY) -> None:
-        self.path = path
-        self.every = every
-        self.runs = 0
-
-    def take_over(self, db: sqlite_utils.Database) -> None:
-        """The serving connection leaves checkpoints to this one (but for the backstop)."""
-        db.execute(f"PRAGMA wal_autocheckpoint = {BACKSTOP_PAGES}")
-
-    async def run(self) -> None:
-        conn = await asyncio.to_thread(
-            sqlite3.connect, self.path, isolation_level=None, timeout=10.0,
-            check_same_thread=False)
-        pending: asyncio.Future[tuple[int, int, int]] | None = None
-        try:
-            while True:
-                await asyncio.sleep(self.every)
-                pending = asyncio.ensure_future(asyncio.to_thread(self.once, conn))
-                try:
-                    await asyncio.shield(pending)
-                except sqlite3.Error as exc:  # a busy or full disk: tried again next time
-                    log.warning("background checkpoint failed: %s", exc)
-        finally:
-            if pending is not None:  # never close the connection under a running checkpoint
-                await asyncio.wait([pending])
-            conn.close()
-
-    def once(self, conn: sqlite3.Connection) -> tuple[int, int, int]:
-        """One PASSIVE checkpoint: (busy, WAL pages, pages copied)."""
-        self.runs += 1
-        busy, pages, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-        return int(busy), int(pages), int(copied)
 
 
 # ---- failures of the storage ------------------------------------------------------------

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 
 from gpujobq.controller import (
     agents,
+    commits,
     crashpoints,
     database,
     errors,
@@ -114,8 +115,8 @@ class Dispatcher:
         self._ending: set[tuple[str, int]] = set()
         self._starting: dict[tuple[str, int], tuple[float, float]] = {}
         # The event loop's writes share one transaction per turn: submits, reports,
-        # dispatches and notes of written records (see database.GroupCommit).
-        self.commits = database.GroupCommit(store.db)
+        # dispatches and notes of written records (see commits.GroupCommit).
+        self.commits = commits.GroupCommit(store.db)
         self.apply_inventory(inventory)
 
     @property
@@ -803,7 +804,7 @@ class Dispatcher:
             reason = Reason(msg.reason)
         except ValueError:
             reason = Reason.INFRA_ERROR
-        if reason in (Reason.NODE_LOST, Reason.REQUEUED):
+        if reason.value in _REQUEUES:
             job = self.store.get(msg.job_id, output=False)  # a running job has none stored
             if (
                 job is not None and job.status is Status.RUNNING

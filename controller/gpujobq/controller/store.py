@@ -241,7 +241,7 @@ class Store:
             return self.submit_within(new, limits)
 
     def submit_within(self, new: NewJob, limits: ratelimit.Limits) -> tuple[Job, bool]:
-        """submit() inside a write transaction the caller holds (database.GroupCommit)."""
+        """submit() inside a write transaction the caller holds (commits.GroupCommit)."""
         now = self.clock()
         if new.idempotency_key is not None:
             row = self.db.execute(
