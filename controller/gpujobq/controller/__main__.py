@@ -176,6 +176,10 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
                             timeout_graceful_shutdown=5, log_level="info",
                             log_config=UVICORN_LOGGING)
     accounts.redact_logs("uvicorn", "uvicorn.error", "uvicorn.access")  # their own handlers
+    # LOG_FORMAT shows no caller, thread or process: not looking them up for each record
+    # (the access log writes one per request) is the logging module's documented saving.
+    logging._srcfile = None  # type: ignore[attr-defined]
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     Server(config).run()
     return 0
 

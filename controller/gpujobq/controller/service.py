@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 import uuid
 from collections.abc import Callable
 
@@ -80,7 +82,7 @@ class JobService:
                 f"'{config.competition_id}' may use at most {profile.max_gpus}")
         self._runnable(scheduler.Queued(job_id="", gpus=gpus, labels=profile.labels))
         new = store.NewJob(
-            id=str(uuid.uuid4()),
+            id=new_job_id(),
             user_id=config.user_id,
             competition_id=config.competition_id,
             project_id=config.project_id,
@@ -149,3 +151,14 @@ class JobService:
             # The agent stops it: SIGTERM, then SIGKILL after the grace period.
             job = await self.wait(job, self.settings.grace + 5.0)
         return job
+
+
+def new_job_id() -> str:
+    """A job's id: a UUID laid out as version 7 (RFC 9562), the time in milliseconds
+    first, then 74 random bits. IDs made later sort later, so every index keyed by job id
+    (the jobs table's, its events') grows at its end instead of taking a write on a
+    random page for each job."""
+    value = (time.time_ns() // 1_000_000) << 80 | int.from_bytes(os.urandom(10), "big")
+    value = value & ~(0xF << 76) | 7 << 76  # version 7
+    value = value & ~(0x3 << 62) | 0x2 << 62  # the RFC's variant
+    return str(uuid.UUID(int=value))
