@@ -442,9 +442,9 @@ def test_a_record_a_crash_kept_from_being_written_is_written_once(
         w: World, tmp_path: pathlib.Path) -> None:
     w.submit("j1")
     w.d.run_once()
-    w.d._record_all = lambda jobs: 0  # type: ignore[method-assign]  # the crash came first
+    w.d.recorder._record_all = lambda jobs: 0  # type: ignore[method-assign]  # crashed first
     w.d.on_message(w.link, w.exited("j1", 1))  # type: ignore[arg-type]
-    del w.d._record_all
+    del w.d.recorder._record_all
     assert [j.id for j in w.store.unrecorded()] == ["j1"]
     assert w.d.record_missing() == 1
     assert w.d.record_missing() == 0

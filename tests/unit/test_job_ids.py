@@ -1,5 +1,6 @@
 """Job ids: UUIDs laid out as version 7, so that later jobs sort later in every index."""
 
+import itertools
 import time
 import uuid
 
@@ -27,5 +28,5 @@ def test_later_ids_sort_later_and_none_repeat() -> None:
         time.sleep(0.002)  # the next batch falls in a later millisecond
     assert len(set(ids)) == len(ids)
     batches = [ids[i:i + 200] for i in range(0, len(ids), 200)]
-    for earlier, later in zip(batches, batches[1:]):
+    for earlier, later in itertools.pairwise(batches):
         assert max(earlier) < min(later)

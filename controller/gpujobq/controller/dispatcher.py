@@ -107,8 +107,6 @@ class Dispatcher:
         # waking waiters); None outside.
         self._after_commit: list[Callable[[], None]] | None = None
         self._to_record: list[store.Job] = []
-        self._recording: set[asyncio.Task[None]] = set()  # records being written
-        self._recording_ids: set[str] = set()  # the jobs they write
         self._bursts: list[tuple[agents.Link, list[messages.Up]]] = []  # reports to store
         # Within one agent's burst being stored: the attempts its Exited messages end
         # (normally), and the Started of those seen so far: (at, monotonic when seen).
@@ -117,6 +115,9 @@ class Dispatcher:
         # The event loop's writes share one transaction per turn: submits, reports,
         # dispatches and notes of written records (see commits.GroupCommit).
         self.commits = commits.GroupCommit(store.db)
+        # Ended jobs' result records: written off the loop, then their waiters woken.
+        self.recorder = results.Recorder(
+            pathlib.Path(settings.results_dir), store, self.commits, self._ended_notify)
         self.apply_inventory(inventory)
 
     @property
@@ -231,7 +232,7 @@ class Dispatcher:
 
     def _committed(self, later: list[Callable[[], None]], to_record: list[store.Job]) -> None:
         if to_record:
-            self._record_then_notify(to_record)
+            self.recorder.record_then_notify(to_record)
         for action in later:
             try:  # one failing (a requeue on a full disk) must not keep the rest back
                 action()
@@ -251,7 +252,7 @@ class Dispatcher:
 
     async def run(self) -> None:
         """Supervised: a failing pass is logged and the loop goes on. Runs the links too."""
-        self._running = True
+        self._running = self.recorder.running = True
         for node in self.nodes.values():
             self._start(node)
         try:
@@ -271,67 +272,15 @@ class Dispatcher:
                 # pass took keeps passes to at most half of it (and costs an idle fleet ~0).
                 await asyncio.sleep(time.perf_counter() - began)
         finally:
-            self._running = False
+            self._running = self.recorder.running = False
             for node in self.nodes.values():
                 self._stop(node)
-            await asyncio.gather(*self._stopped, *self._recording, return_exceptions=True)
-
-    def _record_then_notify(self, jobs: list[store.Job]) -> None:
-        """Ended jobs (stored): write their records, then wake their waiters. While the
-        loop runs, the files are written (and fsynced) in a thread, off the event loop."""
-        crashpoints.reach("before_record")  # the jobs are stored as ended; records not yet
-        if not self._running:
-            self._record_all(jobs)
-            for job in jobs:
-                self.watchers.notify(job.id)
-                self.changes.notify(job.id)
-            return
-        self._recording_ids.update(j.id for j in jobs)  # record_missing leaves them be
-        task = asyncio.create_task(self._record_in_thread(jobs))
-        self._recording.add(task)
-        task.add_done_callback(self._recording.discard)
-
-    async def _record_in_thread(self, jobs: list[store.Job]) -> None:
-        try:
-            written = await asyncio.to_thread(self._write_records, jobs)
-            if written:  # noted with the next group of writes (record_missing otherwise)
-                self.commits.call(lambda: self.store.mark_recorded(*written))
-        except Exception:  # the records are written later (record_missing)
-            log.exception("could not note written result records")
-        finally:
-            self._recording_ids.difference_update(j.id for j in jobs)
-            for job in jobs:
-                self.watchers.notify(job.id)
-                self.changes.notify(job.id)
-
-    def _write_records(self, jobs: list[store.Job]) -> list[str]:
-        """Write these jobs' result record files; stops at the first that fails (tried
-        again later). Returns the ids written. No database: safe in a thread."""
-        written = []
-        for job in jobs:
-            try:
-                results.write(pathlib.Path(self.settings.results_dir), job)
-            except (OSError, ValueError):
-                log.exception("could not write the result record of job %s (tried again "
-                              "later)", job.id)
-                break
-            written.append(job.id)
-        return written
-
-    def _record_all(self, jobs: list[store.Job]) -> int:
-        """Write these jobs' result records, and note (in one transaction) which are
-        written. Returns how many."""
-        written = self._write_records(jobs)
-        if written:
-            self.store.mark_recorded(*written)
-        return len(written)
+            await asyncio.gather(*self._stopped, *self.recorder.writing,
+                                 return_exceptions=True)
 
     def record_missing(self) -> int:
         """Result records a crash (or a full disk) kept from being written: write them."""
-        # Not those a worker thread is writing now: two writers of one record could
-        # both find the name free (or the other's file still empty) and write it twice.
-        return self._record_all([j for j in self.store.unrecorded()
-                                 if j.id not in self._recording_ids])
+        return self.recorder.record_missing()
 
     def run_once(self, woken: bool = True) -> int:
         """Requeue jobs of lost hosts, then place what fits; returns jobs dispatched.
@@ -858,7 +807,13 @@ class Dispatcher:
         if self._after_commit is not None:
             self._to_record.append(job)
         else:
-            self._record_then_notify([job])
+            self.recorder.record_then_notify([job])
+
+    def _ended_notify(self, job_id: str) -> None:
+        """A job's end is stored and its record written (or left for later): wake whoever
+        waits on it (submit-and-wait) or follows its log."""
+        self.watchers.notify(job_id)
+        self.changes.notify(job_id)
 
     def _send(self, link: agents.Link, msg: messages.Down) -> None:
         def send() -> None:

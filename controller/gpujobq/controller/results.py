@@ -8,15 +8,20 @@ attempt, for an admin's rerun of the same job).
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import logging
 import os
 import pathlib
 import stat
 import time
+from collections.abc import Callable
 
 import msgspec
-from gpujobq.controller import store
+from gpujobq.controller import commits, crashpoints, store
 from gpujobq.protocol import jobconfig
+
+log = logging.getLogger(__name__)
 
 
 class Record(msgspec.Struct, frozen=True):
@@ -104,6 +109,75 @@ def _create(path: pathlib.Path) -> int:
     except FileNotFoundError:
         path.parent.mkdir(parents=True, exist_ok=True)
         return os.open(path, flags, 0o640)
+
+
+class Recorder:
+    """Writes the records of jobs whose end is stored, then wakes whoever waits on them.
+
+    While the event loop runs (``running``), the files are written and fsynced in a
+    thread, off the loop that carries every other job's reports, and noted as written
+    (``jobs.recorded``) with the next group of writes. Otherwise (a test's step, a
+    stopped loop) they are written and noted at once. A record that could not be written
+    (a full disk, a crash in between) is left unnoted; ``record_missing`` writes it later.
+    """
+
+    def __init__(self, folder: pathlib.Path, jobs: store.Store, group: commits.GroupCommit,
+                 notify: Callable[[str], None]) -> None:
+        self.folder, self.store, self.commits, self.notify = folder, jobs, group, notify
+        self.running = False
+        self.writing: set[asyncio.Task[None]] = set()  # records being written in threads
+        self._writing_ids: set[str] = set()  # the jobs they write
+
+    def record_then_notify(self, jobs: list[store.Job]) -> None:
+        crashpoints.reach("before_record")  # the jobs are stored as ended; records not yet
+        if not self.running:
+            self._record_all(jobs)
+            for job in jobs:
+                self.notify(job.id)
+            return
+        self._writing_ids.update(j.id for j in jobs)  # record_missing leaves them be
+        task = asyncio.create_task(self._record_in_thread(jobs))
+        self.writing.add(task)
+        task.add_done_callback(self.writing.discard)
+
+    def record_missing(self) -> int:
+        """Write the records a crash (or a full disk) kept from being written; how many."""
+        # Not those a thread is writing now: two writers of one record could both find
+        # the name free (or the other's file still empty) and write it twice.
+        return self._record_all([j for j in self.store.unrecorded()
+                                 if j.id not in self._writing_ids])
+
+    async def _record_in_thread(self, jobs: list[store.Job]) -> None:
+        try:
+            written = await asyncio.to_thread(self._write_all, jobs)
+            if written:  # noted with the next group of writes (record_missing otherwise)
+                self.commits.call(lambda: self.store.mark_recorded(*written))
+        except Exception:  # the records are written later (record_missing)
+            log.exception("could not note written result records")
+        finally:
+            self._writing_ids.difference_update(j.id for j in jobs)
+            for job in jobs:
+                self.notify(job.id)
+
+    def _write_all(self, jobs: list[store.Job]) -> list[str]:
+        """Write these jobs' record files, stopping at the first that fails (tried again
+        later); the ids written. No database: safe in a thread."""
+        written = []
+        for job in jobs:
+            try:
+                write(self.folder, job)
+            except (OSError, ValueError):
+                log.exception("could not write the result record of job %s (tried again "
+                              "later)", job.id)
+                break
+            written.append(job.id)
+        return written
+
+    def _record_all(self, jobs: list[store.Job]) -> int:
+        written = self._write_all(jobs)
+        if written:
+            self.store.mark_recorded(*written)
+        return len(written)
 
 
 def prune(folder: pathlib.Path, older_than_days: float, now: float) -> list[str]:
