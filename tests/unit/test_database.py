@@ -147,9 +147,10 @@ def test_a_first_release_file_is_migrated_and_keeps_its_rows(tmp_path: pathlib.P
     assert old is not None
     assert (old.status.value, old.stdout, old.gpus, old.gpu_count) == ("completed", b"ok\n",
                                                                        (0,), 1)
-    assert jobs.payload("j1") == (b"print()", b"a: 1")
+    assert db.execute("SELECT code, config FROM jobs WHERE id = 'j1'").fetchone() == (
+        b"print()", b"a: 1")
     # The migrated file is fully usable: the pending job runs, a new job is stored.
-    running = jobs.dispatch("j2", "node-a", [1])
+    running = jobs.dispatch("j2", "node-a", [1]).job
     assert (running.status.value, running.attempt) == ("running", 1)
     jobs.submit(store.NewJob(id="j3", user_id="bob", competition_id="c", project_id="p",
                              expected_time=1, time_limit=2, code=b"x", config=b"y",

@@ -47,7 +47,7 @@ def submit(jobs: store.Store, job_id: str, user: str = "alice") -> store.Job:
 
 def running(jobs: store.Store, job_id: str = "j1") -> store.Job:
     submit(jobs, job_id)
-    return jobs.dispatch(job_id, "node-a", [0, 1])
+    return jobs.dispatch(job_id, "node-a", [0, 1]).job
 
 
 def finish(jobs: store.Store, job_id: str, attempt: int, status: Status = Status.COMPLETED):
@@ -73,16 +73,19 @@ def test_submit_creates_pending_and_event(jobs: store.Store, clock: Clock) -> No
     assert job.status is Status.PENDING
     assert (job.attempt, job.retries, job.node, job.gpus) == (0, 0, None, ())
     assert job.created_at == clock.now and job.started_at is None
-    assert jobs.payload("j1") == (b"print(1)", b"a: 1")
+    assert jobs.db.execute("SELECT code, config FROM jobs WHERE id = 'j1'").fetchone() == (
+        b"print(1)", b"a: 1")
     assert jobs.events("j1") == [
         {"attempt": 0, "from_status": None, "to_status": "pending", "at": clock.now,
          "reason": "submitted", "detail": None}
     ]
 
 
-def test_payload_of_unknown_job(jobs: store.Store) -> None:
-    with pytest.raises(errors.NotFound):
-        jobs.payload("nope")
+def test_dispatch_returns_the_code_and_config_its_runjob_carries(jobs: store.Store) -> None:
+    submit(jobs, "j1")
+    job, code, config = jobs.dispatch("j1", "node-a", [0])
+    assert (job.status, job.node, job.attempt) == (Status.RUNNING, "node-a", 1)
+    assert (code, config) == (b"print(1)", b"a: 1")
     assert jobs.get("nope") is None
 
 
@@ -308,8 +311,8 @@ def test_requeue_goes_back_to_pending(jobs: store.Store) -> None:
     assert (job.retries, job.attempt, job.node, job.gpus, job.started_at) == (1, 1, None, (), None)
     assert transitions(jobs, "j1")[-1] == ("running", "pending", "requeued")
     # The next dispatch is a new attempt; the old one is fenced off.
-    job = jobs.dispatch("j1", "node-b", [3])
-    assert job.attempt == 2
+    job, code, config = jobs.dispatch("j1", "node-b", [3])
+    assert job.attempt == 2 and (code, config) == (b"print(1)", b"a: 1")
     with pytest.raises(errors.TransitionError):
         finish(jobs, "j1", 1)
 

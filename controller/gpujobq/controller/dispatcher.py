@@ -434,12 +434,11 @@ class Dispatcher:
 
     def _dispatch(self, assignment: scheduler.Assignment) -> None:
         crashpoints.reach("before_dispatch")
-        job = self.store.dispatch(
+        job, code, config = self.store.dispatch(
             assignment.job_id, assignment.host, [g.index for g in assignment.gpus]
         )
         self._later(lambda: crashpoints.reach("after_dispatch"))  # stored, not sent yet
         self.dispatched_at[job.id] = self.mono()
-        code, config = self.store.payload(job.id)
         profile = self.inventory.profile_of_job(job.competition_id)
         run = messages.RunJob(
             job_id=job.id,

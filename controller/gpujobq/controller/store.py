@@ -100,7 +100,8 @@ def _job(row: tuple[Any, ...]) -> Job:
 
 @functools.lru_cache(maxsize=64)
 def _update_sql(allowed: frozenset[Status], columns: tuple[str, ...], raw_sets: str | None,
-                fenced: bool, placed: bool = False) -> tuple[str, tuple[str, ...]]:
+                fenced: bool, placed: bool = False, payload: bool = False
+                ) -> tuple[str, tuple[str, ...]]:
     """A guarded transition's UPDATE (made once per kind of transition), and the states
     it may leave, in the order its placeholders take them."""
     assignments = ["status = ?", *(f"{col} = ?" for col in columns)]
@@ -113,7 +114,13 @@ def _update_sql(allowed: frozenset[Status], columns: tuple[str, ...], raw_sets: 
         sql += " AND attempt = ?"
     if placed:
         sql += " AND node = ?"
-    return f"{sql} RETURNING {_COLUMNS}", states
+    return f"{sql} RETURNING {_COLUMNS}{', code, config' if payload else ''}", states
+
+
+class Dispatched(NamedTuple):
+    job: Job
+    code: bytes
+    config: bytes
 
 
 class QueueStats(NamedTuple):
@@ -135,12 +142,6 @@ class Store:
         columns = _COLUMNS if output else _NO_OUTPUT
         row = self.db.execute(f"SELECT {columns} FROM jobs WHERE id = ?", [job_id]).fetchone()
         return _job(row) if row else None
-
-    def payload(self, job_id: str) -> tuple[bytes, bytes]:
-        row = self.db.execute("SELECT code, config FROM jobs WHERE id = ?", [job_id]).fetchone()
-        if row is None:
-            raise errors.NotFound("Job not found")
-        return row[0], row[1]
 
     def by_status(self, status: Status, limit: int | None = None) -> list[Job]:
         sql = f"SELECT {_COLUMNS} FROM jobs WHERE status = ? ORDER BY seq"
@@ -310,13 +311,16 @@ class Store:
 
     # ---- transitions -------------------------------------------------------------------
 
-    def dispatch(self, job_id: str, node: str, gpus: Iterable[int]) -> Job:
-        """pending -> running on a node, as a new attempt."""
-        return self._move(
+    def dispatch(self, job_id: str, node: str, gpus: Iterable[int]) -> Dispatched:
+        """pending -> running on a node, as a new attempt; with the code and config its
+        RunJob carries, returned by the same UPDATE."""
+        payload: list[bytes] = []
+        job = self._move(
             job_id, {Status.PENDING}, Status.RUNNING, reason="dispatched", detail=node,
             sets={"node": node, "gpus": json.dumps(list(gpus)), "started_at": None},
-            raw_sets="attempt = attempt + 1",
+            raw_sets="attempt = attempt + 1", payload=payload,
         )
+        return Dispatched(job, *payload)
 
     def mark_started(self, job_id: str, attempt: int, at: float) -> Job:
         return self._move(
@@ -449,10 +453,13 @@ class Store:
         raw_sets: str | None = None,
         also: tuple[str, list[list[Any]]] | None = None,
         started: bool = False,
+        payload: list[bytes] | None = None,
     ) -> Job:
+        """The guarded transition. ``payload``: a list that receives the job's code and
+        config (the same UPDATE returns them)."""
         sets = sets or {}
         sql, states = _update_sql(frozenset(allowed), tuple(sets), raw_sets,
-                                  attempt is not None, node is not None)
+                                  attempt is not None, node is not None, payload is not None)
         args: list[Any] = [to.value, *sets.values(), job_id, *states]
         if attempt is not None:
             args.append(attempt)
@@ -472,6 +479,9 @@ class Store:
                     + (f"{found[0]} attempt {found[1]}" if found else "no such job")
                     + (f" (report for attempt {attempt})" if attempt is not None else "")
                 )
+            if payload is not None:
+                *row, code, config = row
+                payload[:] = [code, config]
             job = _job(row)  # as the UPDATE left it
             if started:  # the start it also stores, as mark_started records it
                 self._event(job_id, job.attempt, Status.RUNNING.value, Status.RUNNING, now,
