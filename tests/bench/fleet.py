@@ -134,7 +134,7 @@ def _bound(runs: list[Drain], ctl: system.Controller) -> str:
             f"{1 / loop:,.0f} jobs/s with a core of its own; the rest is its threads, "
             f"mostly writing the result records. Creating, writing and fsyncing a small "
             f"file costs {disk * 1000:.2f} ms of CPU on this machine's disk "
-            f"({memory * 1000:.3f} ms in tmpfs), nearly all of it the kernel's")
+            f"({memory * 1000:.3f} ms in tmpfs)")
 
 
 def _file_cost(where: pathlib.Path, n: int = 300) -> float:
