@@ -62,10 +62,10 @@ class Scene:
         tmp.replace(ctl)
 
     def secrets(self) -> list[str]:
-        """What the public view must never show: user names, job ids (and their prefix
-        the page shows)."""
+        """What the public view must never show: user names, job ids (and the end of one
+        that the page shows)."""
         names = [u.name for u in (self.admin, self.alice, self.bob, self.carol)]
-        return names + [j for job in self.jobs.values() for j in (job, job[:8])]
+        return names + [j for job in self.jobs.values() for j in (job, job[-8:])]
 
 
 def build_scene(c: Cluster, root: pathlib.Path) -> Scene:
@@ -379,7 +379,7 @@ def live_refresh(page: Page, s: Scene) -> None:
         assert s.c.cancel(user, s.jobs[name]).json()["status"] == "cancelled"
     page.evaluate("window.__stillTheSamePage = true")
     b1 = s.jobs["b1"]
-    gpu = page.locator(f".gpu[data-host=node0]:has-text('{b1[:8]}')")
+    gpu = page.locator(f".gpu[data-host=node0]:has-text('{b1[-8:]}')")
     expect(gpu).to_have_attribute("data-state", "busy", timeout=WAIT_MS)
     index = int(gpu.get_attribute("data-index") or "-1")
     s.say(b1, "exit")

@@ -70,8 +70,10 @@
     return "in " + duration(s) + " (" + clock(iso) + ")";
   }
 
+  // A job id's last 8 characters: its random part (ids begin with their time, the same
+  // for every job of a minute). The whole id is in the cell's or row's title.
   function shortId(id) {
-    return id.length > 8 ? id.slice(0, 8) : id;
+    return id.length > 8 ? "…" + id.slice(-8) : id;
   }
 
   function showError(text) {
@@ -240,7 +242,7 @@
   // A job's row: the admin's list adds its user; a user's own list adds the reason.
   function jobCells(job, withUser) {
     return [
-      el("td", {}, el("code", {}, shortId(job.job_id))),
+      el("td", {}, el("code", {title: job.job_id}, shortId(job.job_id))),
       withUser ? el("td", {}, job.user_id) : null,
       statusCell(job),
       el("td", {}, job.queue_position === null ? "–" : String(job.queue_position)),
