@@ -588,3 +588,48 @@ def test_a_start_whose_end_in_the_burst_is_stale_stores_nothing(w: World) -> Non
     job = w.store.get("j1")
     assert (job.status, job.started_at) == (Status.RUNNING, None)
     assert messages.Ack(job_id="j1", attempt=7) in w.link.sent
+
+
+def test_on_a_full_fleet_a_submit_costs_no_pass_until_a_gpu_may_be_free(w: World) -> None:
+    for name in ("j1", "j2"):
+        w.submit(name)
+    assert w.d.run_once() == 2  # both GPUs taken
+    assert not w.d.futile()  # that pass still had room
+    assert w.d.run_once() == 0  # this one found none
+    w.submit("j3")
+    w.d.wake(frees=False)  # what a submit does
+    assert w.d.futile()
+    w.now += 0.5
+    assert w.d.futile()
+    # A job ends: its GPU is free, the next pass is not skipped and starts j3.
+    w.d.on_message(w.link, w.exited("j1", 1))  # type: ignore[arg-type]
+    assert not w.d.futile()
+    assert w.d.run_once() == 1
+    assert [r.job_id for r in w.runs()] == ["j1", "j2", "j3"]
+    # Full again: skipped, but never longer than a TICK (leases, lost hosts).
+    assert w.d.run_once() == 0
+    w.submit("j4")
+    w.d.wake(frees=False)
+    assert w.d.futile()
+    w.now += dispatcher.TICK
+    assert not w.d.futile()
+
+
+@pytest.mark.parametrize("event", ["connected", "inventory", "admin requeue"])
+def test_what_may_free_a_gpu_ends_the_skipping(w: World, event: str) -> None:
+    for name in ("j1", "j2", "j3"):
+        w.submit(name)
+    w.d.run_once()
+    w.d.run_once()
+    w.d.wake(frees=False)
+    assert w.d.futile()
+    if event == "connected":
+        hello = messages.Hello(host="a", runtime="process", gpus=GPUS, jobs=(
+            messages.HeldJob(job_id="j1", attempt=1, finished=False),
+            messages.HeldJob(job_id="j2", attempt=1, finished=False)))
+        w.d.on_connected(w.link, hello)  # type: ignore[arg-type]
+    elif event == "inventory":
+        w.d.apply_inventory(inv(host("a", 2), host("b", 1)))
+    else:
+        w.d.requeue_by_admin(w.store.get("j1"), "root")
+    assert not w.d.futile()

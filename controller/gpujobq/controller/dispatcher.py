@@ -98,6 +98,9 @@ class Dispatcher:
         self.started_seen: dict[str, float] = {}  # monotonic, when Started arrived
         self.observer = Observer()  # the app's metrics replace it
         self._wake = asyncio.Event()
+        # The last pass found no GPU free (_full), when it began (_pass_at, monotonic), and
+        # whether anything since may have freed one (_freed): see futile().
+        self._full, self._pass_at, self._freed = False, -math.inf, True
         # Bumped whenever hosts, their GPUs or labels may have changed (inventory, hello).
         self.fleet_version = 0
         self._running = False
@@ -247,8 +250,20 @@ class Dispatcher:
 
     # ---- the loop ------------------------------------------------------------------------
 
-    def wake(self) -> None:
+    def wake(self, *, frees: bool = True) -> None:
+        """A pass soon. ``frees=False``: what happened cannot free a GPU (a submit), so
+        while the last pass found none free, none runs for it (see ``futile``)."""
+        if frees:
+            self._freed = True
         self._wake.set()
+
+    def futile(self) -> bool:
+        """Whether a pass now would place nothing without looking: the last one found no
+        GPU free, nothing since could have freed one, and it was less than a TICK ago (the
+        checks a pass makes on the way, leases and lost hosts, wait at most that long).
+        On a full fleet, a flood of submits then costs no pass each (one reads every
+        running job)."""
+        return self._full and not self._freed and self.mono() - self._pass_at < TICK
 
     async def run(self) -> None:
         """Supervised: a failing pass is logged and the loop goes on. Runs the links too."""
@@ -261,6 +276,9 @@ class Dispatcher:
                     await asyncio.wait_for(self._wake.wait(), TICK)
                 woken = self._wake.is_set()
                 self._wake.clear()
+                if woken and self.futile():
+                    self._plan_fresh = False  # the queue changed: positions are worked out anew
+                    continue
                 began = time.perf_counter()
                 try:
                     # With the submits and reports of this turn: one COMMIT for all.
@@ -288,6 +306,7 @@ class Dispatcher:
         ``woken``: something happened (a submit, a report, a host); False for the
         once-a-TICK pass."""
         now = self.mono()
+        self._pass_at, self._freed = now, False
         if now - self._records_checked >= RECORDS_EVERY:
             self._records_checked = now
             self.record_missing()
@@ -297,7 +316,8 @@ class Dispatcher:
         if self._requeue_lost(running):
             running = self.store.by_status(Status.RUNNING)
         self._retire(running)
-        if not self._room(running):
+        self._full = not self._room(running)
+        if self._full:
             # Nothing can start: no need to read and order the whole queue. Positions and
             # estimates are worked out again when a status asks for them: after a change,
             # or once the plan is PLAN_MAX_AGE old (estimates move with time).

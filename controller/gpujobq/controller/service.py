@@ -98,7 +98,7 @@ class JobService:
         job, created = await self.commits.run(lambda: self.store.submit_within(new, self.limits))
         if created:
             crashpoints.reach("after_commit")
-            self.dispatcher.wake()
+            self.dispatcher.wake(frees=False)
         return job
 
     def _runnable(self, job: scheduler.Queued) -> None:
