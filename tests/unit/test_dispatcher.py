@@ -446,13 +446,13 @@ def test_a_record_a_crash_kept_from_being_written_is_written_once(
     w.d.on_message(w.link, w.exited("j1", 1))  # type: ignore[arg-type]
     del w.d.recorder._record_all
     assert [j.id for j in w.store.unrecorded()] == ["j1"]
-    assert w.d.record_missing() == 1
-    assert w.d.record_missing() == 0
+    assert w.d.recorder.record_missing() == 1
+    assert w.d.recorder.record_missing() == 0
     records = list((tmp_path / "results").glob("u_c_*.jsonl"))
     assert len(records) == 1
     # Written again after a crash between the write and its note: still one record.
     w.store.db.execute("UPDATE jobs SET recorded = 0")
-    assert w.d.record_missing() == 1
+    assert w.d.recorder.record_missing() == 1
     assert list((tmp_path / "results").glob("u_c_*.jsonl")) == records
 
 

@@ -296,10 +296,6 @@ class Dispatcher:
             await asyncio.gather(*self._stopped, *self.recorder.writing,
                                  return_exceptions=True)
 
-    def record_missing(self) -> int:
-        """Result records a crash (or a full disk) kept from being written: write them."""
-        return self.recorder.record_missing()
-
     def run_once(self, woken: bool = True) -> int:
         """Requeue jobs of lost hosts, then place what fits; returns jobs dispatched.
 
@@ -309,7 +305,7 @@ class Dispatcher:
         self._pass_at, self._freed = now, False
         if now - self._records_checked >= RECORDS_EVERY:
             self._records_checked = now
-            self.record_missing()
+            self.recorder.record_missing()
         self._drop_silent()
         self._renew_leases()
         running = self.store.by_status(Status.RUNNING)
