@@ -295,6 +295,7 @@ class Dispatcher:
                 self._stop(node)
             await asyncio.gather(*self._stopped, *self.recorder.writing,
                                  return_exceptions=True)
+            self.recorder.close()
 
     def run_once(self, woken: bool = True) -> int:
         """Requeue jobs of lost hosts, then place what fits; returns jobs dispatched.
