@@ -8,6 +8,7 @@ import pathlib
 import threading
 
 from gpujobq.controller import commits, database, results, store
+
 from tests.unit.test_store import Clock, finish, running
 
 
@@ -25,13 +26,14 @@ def test_jobs_that_end_while_a_round_is_written_go_together_in_the_next(
                                 heard.append)
     rounds: list[list[str]] = []
     threads: set[str] = set()
-    first_round_may_end = threading.Event()
+    first_round_began, first_round_may_end = threading.Event(), threading.Event()
     put_all = recorder._put_all
 
     def watched(entries: list[results.Entry]) -> list[str]:
         rounds.append([e.job_id for e in entries])
         threads.add(threading.current_thread().name)
         if len(rounds) == 1:
+            first_round_began.set()
             assert first_round_may_end.wait(10)
         return put_all(entries)
 
@@ -40,8 +42,7 @@ def test_jobs_that_end_while_a_round_is_written_go_together_in_the_next(
     async def main() -> None:
         recorder.running = True
         recorder.record_then_notify(done[:1])
-        while not rounds:  # the first round is being written
-            await asyncio.sleep(0.01)
+        assert await asyncio.to_thread(first_round_began.wait, 10)
         for job in done[1:]:  # one turn of the loop each
             recorder.record_then_notify([job])
             await asyncio.sleep(0)
