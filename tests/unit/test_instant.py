@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import pathlib
+import threading
 
+import pytest
 from gpujobq.agent import core, instant, runtime, spool
 from gpujobq.protocol import messages
 from gpujobq.protocol.states import Reason, Status, final_status
@@ -105,6 +107,41 @@ async def test_in_a_real_agent_the_controller_hears_started_and_exited(
     assert [h.finished for h in agent.held()] == [True]
     agent.handle(messages.Ack(job_id="job7", attempt=1))
     assert agent.held() == () and _empty(tmp_path)
+
+
+class Synced(instant.InstantRuntime):
+    """As a runtime that runs jobs (process, docker): results fsynced each."""
+
+    synced_results = True
+
+
+async def test_its_results_are_kept_on_the_loop_without_an_fsync(
+        tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A result it reports was given, not made: kept in the spool (renamed into place,
+    read back after a restart) but not fsynced, and written on the event loop rather than
+    handed to a thread. A runtime that runs jobs keeps each result fsynced, off the loop."""
+    stores: list[tuple[str, bool]] = []
+    fsyncs: list[str] = []
+    store_result = spool.Spool.store_result
+
+    def watched(self: spool.Spool, exited: messages.Exited, *, sync: bool = True) -> None:
+        stores.append((threading.current_thread().name, sync))
+        store_result(self, exited, sync=sync)
+
+    monkeypatch.setattr(spool.Spool, "store_result", watched)
+    monkeypatch.setattr(spool.os, "fsync", lambda fd: fsyncs.append(
+        threading.current_thread().name))
+    loop_thread = threading.current_thread().name
+    for name, rt in (("instant", instant.InstantRuntime()), ("synced", Synced())):
+        agent = core.Agent(host="h", runtime=rt, spool=spool.Spool(tmp_path / name))
+        agent.attach(lambda msg: None)
+        agent.handle(run_job("job7", 1))
+        await asyncio.wait_for(agent.jobs[("job7", 1)].task, 5)  # type: ignore[arg-type]
+        assert [e.job_id for e in spool.Spool(tmp_path / name).recover()] == ["job7"]
+    (instant_thread, instant_sync), (synced_thread, synced_sync) = stores
+    assert (instant_thread, instant_sync) == (loop_thread, False)
+    assert synced_thread != loop_thread and synced_sync
+    assert fsyncs == [synced_thread]
 
 
 def _empty(folder: pathlib.Path) -> bool:

@@ -29,6 +29,10 @@ class InstantRuntime:
     name = "instant"
     isolated = False
     reads_files = False  # its spool folder only keeps the result until acked
+    # Its results are what it was told to print: one lost to a power cut before its ack
+    # (the controller then requeues the job) costs a rerun of nothing, so they are kept
+    # in the spool without an fsync each (core.Agent._store).
+    synced_results = False
 
     def __init__(self, stdout: str = "", stderr: str = "", exit_code: int = 0) -> None:
         self.stdout = stdout

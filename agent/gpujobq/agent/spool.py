@@ -86,13 +86,17 @@ class Spool:
         os.chmod(output, 0o777)
         return work
 
-    def store_result(self, exited: messages.Exited) -> None:
+    def store_result(self, exited: messages.Exited, *, sync: bool = True) -> None:
+        """Keep a result until acked: whole or not at all (written aside, then renamed),
+        and with ``sync`` on disk before this returns (it survives a power cut, not only
+        the agent's own end)."""
         base = self.folder(exited.job_id, exited.attempt)
         tmp = base / (RESULT + ".tmp")
         with open(tmp, "wb") as fh:
             fh.write(msgspec.msgpack.encode(exited))
-            fh.flush()
-            os.fsync(fh.fileno())
+            if sync:
+                fh.flush()
+                os.fsync(fh.fileno())
         os.replace(tmp, base / RESULT)
 
     def drop(self, job_id: str, attempt: int) -> None:
