@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import pathlib
+import sqlite3
 
 import msgspec
 import pytest
@@ -544,6 +546,61 @@ def test_a_burst_that_cannot_be_stored_spoils_no_other_agents_burst(w: World) ->
     assert {w.store.get(j).status for j in on_a} == {Status.RUNNING}
     assert not any(isinstance(m, messages.Ack) for m in w.link.sent)
     assert len(w.link.dropped) == 1
+
+
+async def test_bursts_of_one_turn_are_stored_with_its_submits_in_one_commit(
+        w: World) -> None:
+    """Agents' bursts queue in the group like submits: one transaction and one COMMIT for
+    all that arrived in the turn, acks sent after it."""
+    w.d.apply_inventory(inv(host("a", 2), host("b", 1)))
+    link_b = w.d.nodes["b"].link
+    for job_id, user in (("j1", "u1"), ("j2", "u2"), ("j3", "u3")):
+        w.submit(job_id, user=user)
+    w.d.run_once()
+    on_a, on_b = [r.job_id for r in w.runs()], [r.job_id for r in w.runs(link_b)]
+    sql: list[str] = []
+    w.store.db.conn.set_trace_callback(sql.append)
+    limits = ratelimit.Limits(submits=100, window=60, active=100)
+    new = store.NewJob(id="j4", user_id="u4", competition_id="c", project_id="p",
+                       expected_time=5, time_limit=10, code=b"1", config=b"x: 1\n")
+    submitted = asyncio.ensure_future(w.d.commits.run(lambda: w.store.submit_within(new, limits)))
+    w.d.on_messages(w.link, [w.exited(j, 1) for j in on_a])
+    w.d.on_messages(link_b, [w.exited(on_b[0], 1)])
+    assert not w.link.sent[len(on_a):] and not sql  # nothing before the COMMIT
+    job, created = await submitted
+    w.store.db.conn.set_trace_callback(None)
+    assert created and job.status is Status.PENDING
+    first = sql[:sql.index("COMMIT") + 1]  # then the notes of the records written
+    assert [s for s in first if s.startswith("BEGIN")] == ["BEGIN IMMEDIATE"]
+    assert sum(s.startswith("INSERT INTO jobs ") for s in first) == 1
+    assert sum(s.startswith("UPDATE jobs SET status") for s in first) == 3
+    assert {w.store.get(j).status for j in on_a + on_b} == {Status.COMPLETED}
+    assert messages.Ack(job_id=on_b[0], attempt=1) in link_b.sent
+    assert not w.link.dropped and not link_b.dropped
+
+
+async def test_a_failed_commit_of_queued_bursts_reconnects_their_agents(w: World) -> None:
+    """The COMMIT fails (the write lock is held past the timeout, as a full disk fails
+    it): nothing is stored or acked, and each agent reconnects to send its results again."""
+    w.d.apply_inventory(inv(host("a", 2), host("b", 1)))
+    link_b = w.d.nodes["b"].link
+    for job_id, user in (("j1", "u1"), ("j2", "u2"), ("j3", "u3")):
+        w.submit(job_id, user=user)
+    w.d.run_once()
+    on_a, on_b = [r.job_id for r in w.runs()], [r.job_id for r in w.runs(link_b)]
+    other = sqlite3.connect(w.settings.results_dir.parent / "db.sqlite", timeout=0)
+    other.execute("BEGIN IMMEDIATE")
+    w.store.db.conn.execute("PRAGMA busy_timeout = 0")
+    try:
+        w.d.on_messages(w.link, [w.exited(j, 1) for j in on_a])
+        w.d.on_messages(link_b, [w.exited(on_b[0], 1)])
+        await asyncio.sleep(0.01)  # the group's turn
+    finally:
+        other.rollback()
+        other.close()
+    assert {w.store.get(j).status for j in on_a + on_b} == {Status.RUNNING}
+    assert not any(isinstance(m, messages.Ack) for m in w.link.sent + link_b.sent)
+    assert len(w.link.dropped) == 1 and len(link_b.dropped) == 1
 
 
 def test_a_start_and_end_in_one_burst_are_stored_as_two_separate_ones_would_be(

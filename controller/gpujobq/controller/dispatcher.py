@@ -111,6 +111,7 @@ class Dispatcher:
         self._after_commit: list[Callable[[], None]] | None = None
         self._to_record: list[store.Job] = []
         self._bursts: list[tuple[agents.Link, list[messages.Up]]] = []  # reports to store
+        self._storing: list[tuple[agents.Link, list[messages.Up]]] = []  # being stored
         # Within one agent's burst being stored: the attempts its Exited messages end
         # (normally), and the Started of those seen so far: (at, monotonic when seen).
         self._ending: set[tuple[str, int]] = set()
@@ -641,56 +642,73 @@ class Dispatcher:
         self.wake()
 
     def on_messages(self, link: agents.Link, msgs: list[messages.Up]) -> None:
-        """A burst of reports from one agent. The bursts of every agent that arrive in
-        the same turn of the event loop are stored together, in one transaction."""
+        """A burst of reports from one agent. Stored with the group's next COMMIT: with
+        the other agents' bursts, the submits and the pass of the same turn of the event
+        loop, in one transaction."""
         if not self._bursts:
-            asyncio.get_running_loop().call_soon(self._apply_bursts)
+            if all(type(msg) is messages.Output for msg in msgs):
+                # Only live output (a job printing fast), and nothing of this agent's
+                # waits to be stored before it: kept in memory, no transaction.
+                self._live_only(link, msgs)
+                return
+            self.commits.call(self._store_bursts, self._bursts_not_stored)
         self._bursts.append((link, msgs))
 
     def _apply_bursts(self) -> None:
-        bursts, self._bursts = self._bursts, []
-        if all(type(msg) is messages.Output for _, msgs in bursts for msg in msgs):
-            # Only live output (a job printing fast): kept in memory, nothing to store, so
-            # no transaction either.
-            for link, msgs in bursts:
-                if (node := self.node_of(link)) is not None:
-                    node.last_heard = self.mono()
-                    for msg in msgs:
-                        self._output(msg)
-            return
-        failed: dict[int, tuple[agents.Link, BaseException]] = {}
-
-        def store_bursts() -> None:
-            with self._batch():
-                for link, msgs in bursts:
-                    # Each agent's burst under a savepoint of its own: a report that cannot
-                    # be stored undoes that burst (and what was to follow it), not others'.
-                    assert self._after_commit is not None
-                    marks = len(self._after_commit), len(self._to_record)
-                    # A job that started and ended within the burst (an instant job, a
-                    # script that fails at once) is stored by one UPDATE, not two.
-                    self._ending = {(m.job_id, m.attempt) for m in msgs
-                                    if type(m) is messages.Exited and m.reason not in _REQUEUES}
-                    try:
-                        with database.write(self.store.db):
-                            for msg in msgs:
-                                self.on_message(link, msg)
-                    except Exception as exc:
-                        log.exception("could not store a burst of %d reports from %s",
-                                      len(msgs), link.name)
-                        del self._after_commit[marks[0]:], self._to_record[marks[1]:]
-                        failed[id(link)] = (link, exc)
-                    finally:
-                        self._ending = set()
-                        self._starting.clear()
-
-        try:  # with the submits of this turn: one COMMIT for all
-            self.commits.flush_with(store_bursts)
+        """Store the bursts received so far now (with what the group has queued)."""
+        try:
+            self.commits.flush_with(self._store_bursts)
         except Exception as exc:  # the COMMIT failed (a full disk): nothing is stored
-            log.exception("could not store %d agent reports", sum(len(m) for _, m in bursts))
-            failed.update({id(link): (link, exc) for link, _ in bursts})
-        # Reconnecting makes each such agent send its unacknowledged results again.
-        for link, exc in failed.values():
+            self._bursts_not_stored(exc)
+
+    def _live_only(self, link: agents.Link, msgs: list[messages.Up]) -> None:
+        if (node := self.node_of(link)) is not None:
+            node.last_heard = self.mono()
+            for msg in msgs:
+                self._output(msg)  # type: ignore[arg-type]
+
+    def _store_bursts(self) -> None:
+        """Inside a transaction: every burst received so far, each under a savepoint of
+        its own (a report that cannot be stored undoes that agent's burst, and what was
+        to follow it, not the others'). Its agent is reconnected once the rest is
+        committed, and so sends it again."""
+        bursts, self._bursts = self._bursts, []
+        self._storing = bursts
+        failed: dict[int, tuple[agents.Link, BaseException]] = {}
+        with self._batch():
+            for link, msgs in bursts:
+                assert self._after_commit is not None
+                marks = len(self._after_commit), len(self._to_record)
+                # A job that started and ended within the burst (an instant job, a
+                # script that fails at once) is stored by one UPDATE, not two.
+                self._ending = {(m.job_id, m.attempt) for m in msgs
+                                if type(m) is messages.Exited and m.reason not in _REQUEUES}
+                try:
+                    with database.write(self.store.db):
+                        for msg in msgs:
+                            self.on_message(link, msg)
+                except Exception as exc:
+                    log.exception("could not store a burst of %d reports from %s",
+                                  len(msgs), link.name)
+                    del self._after_commit[marks[0]:], self._to_record[marks[1]:]
+                    failed[id(link)] = (link, exc)
+                finally:
+                    self._ending = set()
+                    self._starting.clear()
+        for link, exc in failed.values():  # once the others' reports are committed
+            self.commits.after(functools.partial(
+                link.drop, f"its reports could not be stored: {exc}"))
+
+    def _bursts_not_stored(self, exc: BaseException) -> None:
+        """The transaction that was to hold them failed (its BEGIN, or the COMMIT on a
+        full disk): every agent in it reconnects, and so sends its unacknowledged results
+        again."""
+        # Those it was storing, and those it never reached (BEGIN failed): all wait on
+        # no other write, so none may stay behind.
+        bursts = self._storing + self._bursts
+        self._storing, self._bursts = [], []
+        log.error("could not store %d agent reports: %s", sum(len(m) for _, m in bursts), exc)
+        for link in {id(link): link for link, _ in bursts}.values():
             link.drop(f"its reports could not be stored: {exc}")
 
     def on_message(self, link: agents.Link, msg: messages.Up) -> None:
