@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import gc
 import json
 import logging
 import os
@@ -180,6 +181,10 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     # (the access log writes one per request) is the logging module's documented saving.
     logging._srcfile = None  # type: ignore[attr-defined]
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    # What exists by now (modules, the app and its routes) lives as long as the process:
+    # kept out of the collector's sight, it is not walked again by every full collection
+    # (on B8, the collector's time fell from ~0.55 to ~0.29 s over the run).
+    gc.freeze()
     Server(config).run()
     return 0
 
