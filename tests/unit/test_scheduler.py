@@ -722,23 +722,31 @@ def test_plan_is_deterministic_and_leaves_its_inputs_alone() -> None:
 
 
 def test_best_fit_is_the_fullest_usable_host_then_unreserved_then_by_name() -> None:
-    """_best_fit against the rule written out as a sort, on random fleets."""
-    from gpujobq.controller.scheduler import _best_fit, _may_use, _Reservation
+    """_best_fit against the rule written out as a sort, on random fleets, as placements
+    take GPUs one after another (the hosts regrouped by what they have left)."""
+    from gpujobq.controller.scheduler import _best_fit, _FreeHosts, _may_use, _Reservation
 
     rng = random.Random(7)
     for _ in range(500):
         names = rng.sample([f"h{i:02d}" for i in range(30)], rng.randint(1, 12))
-        hosts = sorted((HostView(name=n, gpus=tuple(GPU(index=i) for i in range(8)))
-                        for n in names), key=lambda h: h.name)
+        hosts = [HostView(name=n, gpus=tuple(GPU(index=i) for i in range(8))) for n in names]
         free = {h.name: list(h.gpus[:rng.randint(0, 8)]) for h in hosts}
         reservations = {n: _Reservation(rng.choice([50.0, 500.0]), rng.randint(0, 3))
                         for n in names if rng.random() < 0.3}
-        job = Queued(job_id="j", gpus=rng.randint(1, 4), time_limit=rng.choice([10.0, 100.0]))
-        fits = [h for h in hosts if len(free[h.name]) >= job.gpus
-                and _may_use(reservations.get(h.name), job, 0.0)]
-        expected = min(fits, key=lambda h: (len(free[h.name]) - job.gpus,
-                                            h.name in reservations, h.name), default=None)
-        assert _best_fit(job, hosts, free, reservations, 0.0) == expected
+        eligible = {n for n in names if rng.random() < 0.8}  # the job's labels rule some out
+        by_free = _FreeHosts(hosts, free)
+        for _ in range(4):
+            job = Queued(job_id="j", gpus=rng.randint(1, 4),
+                         time_limit=rng.choice([10.0, 100.0]))
+            fits = [n for n in eligible if len(free[n]) >= job.gpus
+                    and _may_use(reservations.get(n), job, 0.0)]
+            expected = min(fits, key=lambda n: (len(free[n]) - job.gpus,
+                                                n in reservations, n), default=None)
+            assert _best_fit(job, eligible, by_free, reservations, 0.0) == expected
+            if expected is not None:
+                had = len(free[expected])
+                free[expected] = free[expected][job.gpus:]
+                by_free.took(expected, had, len(free[expected]))
 
 
 def test_a_pass_without_estimates_places_and_ranks_the_same() -> None:

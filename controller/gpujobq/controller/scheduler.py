@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import bisect
 import math
+import operator
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Literal
 
 import msgspec
@@ -128,11 +129,12 @@ def plan(
     for b in busy:
         for index in b.gpus:
             taken.setdefault(b.host, {})[index] = b
-    free = {h.name: sorted((g for g in h.gpus if g.index not in taken.get(h.name, {})),
-                           key=lambda g: g.index) for h in hosts}
+    free = {h.name: _free_gpus(h, taken.get(h.name)) for h in hosts}
     up = [h for h in hosts if h.state == "up"]
+    by_free = _FreeHosts(up, free)
     eligible_cache: dict[tuple[int, tuple[tuple[str, str], ...]], list[HostView]] = {}
     up_cache: dict[tuple[int, tuple[tuple[str, str], ...]], list[HostView]] = {}
+    names_cache: dict[tuple[int, tuple[tuple[str, str], ...]], set[str]] = {}
 
     def eligible(job: Queued) -> list[HostView]:
         key = (job.gpus, tuple(sorted(job.labels.items())))
@@ -147,6 +149,12 @@ def plan(
             up_cache[key] = sorted((h for h in eligible(job) if h.state == "up"),
                                    key=lambda h: h.name)
         return up_cache[key]
+
+    def eligible_names(job: Queued) -> set[str]:
+        key = (job.gpus, tuple(sorted(job.labels.items())))
+        if key not in names_cache:
+            names_cache[key] = {h.name for h in eligible_up(job)}
+        return names_cache[key]
 
     reservations: dict[str, _Reservation] = {}
     assignments: list[Assignment] = []
@@ -163,17 +171,18 @@ def plan(
         reason = blocked[key]
         if reason is None:
             # A deep queue on a full fleet skips the search: nothing can fit.
-            host = None if job.gpus > free_total else _best_fit(
-                job, eligible_up(job), free, reservations, now)
-            if host is not None:
+            name = None if job.gpus > free_total else _best_fit(
+                job, eligible_names(job), by_free, reservations, now)
+            if name is not None:
                 free_total -= job.gpus
-                _charge(reservations.get(host.name), job, now)
-                got, free[host.name] = free[host.name][: job.gpus], free[host.name][job.gpus:]
-                assignments.append(Assignment(job.job_id, host.name, tuple(got)))
-                started = Busy(host=host.name, gpus=tuple(g.index for g in got),
+                _charge(reservations.get(name), job, now)
+                got, free[name] = free[name][: job.gpus], free[name][job.gpus:]
+                by_free.took(name, len(got) + len(free[name]), len(free[name]))
+                assignments.append(Assignment(job.job_id, name, tuple(got)))
+                started = Busy(host=name, gpus=tuple(g.index for g in got),
                                user_id=job.user_id, ends_by=now + job.time_limit,
                                expected_end=now + job.expected_time)
-                taken.setdefault(host.name, {}).update(dict.fromkeys(started.gpus, started))
+                taken.setdefault(name, {}).update(dict.fromkeys(started.gpus, started))
                 continue
             if key not in all_reserved:
                 _reserve(job, hosts_for_job, free, taken, reservations)
@@ -190,24 +199,54 @@ def plan(
     return Plan(assignments, waiting)
 
 
-def _best_fit(job: Queued, up: list[HostView], free: dict[str, list[GPU]],
-              reservations: dict[str, _Reservation], now: float) -> HostView | None:
-    """Of the up hosts (by name) the job may use now, the one it fills best: fewest GPUs
-    left over, then one no other job reserves, then the first by name."""
-    best, best_key = None, (0, False)
-    for host in up:
-        left = len(free[host.name]) - job.gpus
-        if left < 0:
-            continue
-        res = reservations.get(host.name) if reservations else None
-        if res is not None and not _may_use(res, job, now):
-            continue
-        key = (left, res is not None)
-        if best is None or key < best_key:
-            best, best_key = host, key
-            if key == (0, False):
-                break  # nothing fills it better; later hosts come after it by name
-    return best
+def _free_gpus(host: HostView, taken: dict[int, Busy] | None) -> list[GPU]:
+    """The host's GPUs that nothing holds, lowest index first."""
+    gpus = host.gpus if not taken else [g for g in host.gpus if g.index not in taken]
+    return sorted(gpus, key=_INDEX)
+
+
+_INDEX = operator.attrgetter("index")
+
+
+class _FreeHosts:
+    """The up hosts grouped by how many GPUs they have free, each group in name order:
+    a job's best fit is in the smallest group that can hold it, so a placement looks at
+    a few hosts, not the whole fleet."""
+
+    def __init__(self, up: list[HostView], free: dict[str, list[GPU]]) -> None:
+        self.groups: dict[int, list[str]] = {}
+        for name in sorted(h.name for h in up):
+            self.groups.setdefault(len(free[name]), []).append(name)
+
+    def fitting(self, gpus: int) -> Iterator[list[str]]:
+        """The groups with at least ``gpus`` free, fewest first."""
+        return (self.groups[n] for n in sorted(self.groups) if n >= gpus)
+
+    def took(self, name: str, had: int, left: int) -> None:
+        group = self.groups[had]
+        del group[bisect.bisect_left(group, name)]
+        if not group:
+            del self.groups[had]
+        bisect.insort(self.groups.setdefault(left, []), name)
+
+
+def _best_fit(job: Queued, eligible: set[str], by_free: _FreeHosts,
+              reservations: dict[str, _Reservation], now: float) -> str | None:
+    """Of the up hosts the job may use now, the one it fills best: fewest GPUs left over,
+    then one no other job reserves, then the first by name."""
+    for group in by_free.fitting(job.gpus):
+        reserved = None  # the first in the group that a reservation lets it use
+        for name in group:
+            if name not in eligible:
+                continue
+            res = reservations.get(name)
+            if res is None:
+                return name
+            if reserved is None and _may_use(res, job, now):
+                reserved = name
+        if reserved is not None:
+            return reserved
+    return None
 
 
 def _blocked(job: Queued, hosts_for_job: list[HostView]) -> str | None:
