@@ -577,6 +577,9 @@ async def test_bursts_of_one_turn_are_stored_with_its_submits_in_one_commit(
     assert {w.store.get(j).status for j in on_a + on_b} == {Status.COMPLETED}
     assert messages.Ack(job_id=on_b[0], attempt=1) in link_b.sent
     assert not w.link.dropped and not link_b.dropped
+    # Stored: a later failure reconnects only the agents of its own reports.
+    w.d._bursts_not_stored(OSError("a later failure"))
+    assert not w.link.dropped and not link_b.dropped
 
 
 async def test_a_failed_commit_of_queued_bursts_reconnects_their_agents(w: World) -> None:

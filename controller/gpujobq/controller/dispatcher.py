@@ -698,6 +698,7 @@ class Dispatcher:
         for link, exc in failed.values():  # once the others' reports are committed
             self.commits.after(functools.partial(
                 link.drop, f"its reports could not be stored: {exc}"))
+        self.commits.after(bursts.clear)  # committed: none of them waits any longer
 
     def _bursts_not_stored(self, exc: BaseException) -> None:
         """The transaction that was to hold them failed (its BEGIN, or the COMMIT on a
