@@ -8,6 +8,7 @@ use the same database as `make up`.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime as dt
 import gc
 import json
@@ -28,6 +29,40 @@ from gpujobq.controller.settings import Settings
 from gpujobq.protocol import inventory, sshkeys
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class TurnLogHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """stderr, written once per turn of the event loop: the access log has a line per
+    request, and the lines of one turn go out in one write() instead of one each.
+    Outside a running loop (start, shutdown, another thread) lines go out at once."""
+
+    def __init__(self, fd: int | None = None) -> None:
+        super().__init__(open(sys.stderr.fileno() if fd is None else fd, "w",
+                              buffering=1 << 16, closefd=False, encoding="utf-8",
+                              errors="backslashreplace"))
+        self._due = False
+
+    def flush(self) -> None:
+        if self._due:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            super().flush()
+            return
+        self._due = True
+        loop.call_soon(self._write)
+
+    def _write(self) -> None:
+        self._due = False
+        super().flush()
+
+    def close(self) -> None:
+        self._due = False
+        super().flush()
+        super().close()
+
+
 # uvicorn's own loggers in the same format as ours, to stderr: each line has its time,
 # and a plain formatter costs a third of uvicorn's access formatter (which copies every
 # record to colour it), on every request.
@@ -36,11 +71,12 @@ UVICORN_LOGGING: dict[str, Any] = {
     "disable_existing_loggers": False,
     "formatters": {"plain": {"format": LOG_FORMAT}},
     "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "plain",
-                            "stream": "ext://sys.stderr"}},
+                            "stream": "ext://sys.stderr"},
+                 "per_turn": {"()": TurnLogHandler, "formatter": "plain"}},
     "loggers": {
         "uvicorn": {"handlers": ["stderr"], "level": "INFO", "propagate": False},
         "uvicorn.error": {"level": "INFO"},
-        "uvicorn.access": {"handlers": ["stderr"], "level": "INFO", "propagate": False},
+        "uvicorn.access": {"handlers": ["per_turn"], "level": "INFO", "propagate": False},
     },
 }
 

@@ -161,4 +161,8 @@ def create_app(settings: Settings) -> Litestar:
         after_exception=[metrics.count_refusal],
         request_max_body_size=settings.max_upload,
         openapi_config=api.openapi_config(),
+        # Logging is the controller's own (one format, every line straight to stderr),
+        # not Litestar's default: its format names the module, and its queue hands every
+        # line to a thread of its own.
+        logging_config=None,
     )
