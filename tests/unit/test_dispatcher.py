@@ -527,19 +527,27 @@ def test_admin_requeue_refusals(w: World) -> None:
     assert w.d.requeue_by_admin(w.store.get("j2"), "root").status is Status.PENDING
 
 
-def test_a_burst_that_cannot_be_stored_spoils_no_other_agents_burst(w: World) -> None:
+def running_on_two_hosts(w: World) -> tuple[FakeLink, list[str], list[str]]:
+    """Hosts a (2 GPUs) and b (1), three users' jobs running on them: b's link and the
+    jobs on a and on b."""
     w.d.apply_inventory(inv(host("a", 2), host("b", 1)))
     link_b = w.d.nodes["b"].link
-    w.submit("j1", user="u1")
-    w.submit("j2", user="u2")
-    w.submit("j3", user="u3")
+    for job_id, user in (("j1", "u1"), ("j2", "u2"), ("j3", "u3")):
+        w.submit(job_id, user=user)
     w.d.run_once()
-    on = {r.job_id: "a" for r in w.runs()} | {r.job_id: "b" for r in w.runs(link_b)}
-    on_a = [j for j, h in on.items() if h == "a"]
-    on_b = [j for j, h in on.items() if h == "b"]
+    return link_b, [r.job_id for r in w.runs()], [r.job_id for r in w.runs(link_b)]
+
+
+def store_bursts(w: World) -> None:
+    """Store the bursts received so far now, as the group's flush does."""
+    w.d.commits.flush_with(w.d._store_bursts)
+
+
+def test_a_burst_that_cannot_be_stored_spoils_no_other_agents_burst(w: World) -> None:
+    link_b, on_a, on_b = running_on_two_hosts(w)
     bad = msgspec.structs.replace(w.exited(on_a[0], 1), exit_code=2**63)  # cannot be bound
     w.d._bursts = [(w.link, [w.exited(on_a[1], 1), bad]), (link_b, [w.exited(on_b[0], 1)])]
-    w.d._apply_bursts()
+    store_bursts(w)
     assert w.store.get(on_b[0]).status is Status.COMPLETED  # stored, acked, link kept
     assert messages.Ack(job_id=on_b[0], attempt=1) in link_b.sent and not link_b.dropped
     # a's whole burst is undone (its good report too) and a reconnects to send it again.
@@ -552,12 +560,7 @@ async def test_bursts_of_one_turn_are_stored_with_its_submits_in_one_commit(
         w: World) -> None:
     """Agents' bursts queue in the group like submits: one transaction and one COMMIT for
     all that arrived in the turn, acks sent after it."""
-    w.d.apply_inventory(inv(host("a", 2), host("b", 1)))
-    link_b = w.d.nodes["b"].link
-    for job_id, user in (("j1", "u1"), ("j2", "u2"), ("j3", "u3")):
-        w.submit(job_id, user=user)
-    w.d.run_once()
-    on_a, on_b = [r.job_id for r in w.runs()], [r.job_id for r in w.runs(link_b)]
+    link_b, on_a, on_b = running_on_two_hosts(w)
     sql: list[str] = []
     w.store.db.conn.set_trace_callback(sql.append)
     limits = ratelimit.Limits(submits=100, window=60, active=100)
@@ -585,19 +588,14 @@ async def test_bursts_of_one_turn_are_stored_with_its_submits_in_one_commit(
 async def test_a_failed_commit_of_queued_bursts_reconnects_their_agents(w: World) -> None:
     """The COMMIT fails (the write lock is held past the timeout, as a full disk fails
     it): nothing is stored or acked, and each agent reconnects to send its results again."""
-    w.d.apply_inventory(inv(host("a", 2), host("b", 1)))
-    link_b = w.d.nodes["b"].link
-    for job_id, user in (("j1", "u1"), ("j2", "u2"), ("j3", "u3")):
-        w.submit(job_id, user=user)
-    w.d.run_once()
-    on_a, on_b = [r.job_id for r in w.runs()], [r.job_id for r in w.runs(link_b)]
+    link_b, on_a, on_b = running_on_two_hosts(w)
     other = sqlite3.connect(w.settings.results_dir.parent / "db.sqlite", timeout=0)
     other.execute("BEGIN IMMEDIATE")
     w.store.db.conn.execute("PRAGMA busy_timeout = 0")
     try:
         w.d.on_messages(w.link, [w.exited(j, 1) for j in on_a])
         w.d.on_messages(link_b, [w.exited(on_b[0], 1)])
-        await asyncio.sleep(0.01)  # the group's turn
+        await asyncio.sleep(0)  # the group's turn
     finally:
         other.rollback()
         other.close()
@@ -617,14 +615,14 @@ def test_a_start_and_end_in_one_burst_are_stored_as_two_separate_ones_would_be(
     started = {j: messages.Started(job_id=j, attempt=1, at=w.now - 1)
                for j in ("apart", "together")}
     w.d._bursts = [(w.link, [started["apart"]])]
-    w.d._apply_bursts()
+    store_bursts(w)
     w.d._bursts = [(w.link, [w.exited("apart", 1)])]
-    w.d._apply_bursts()
+    store_bursts(w)
     updates: list[str] = []
     w.store.db.conn.set_trace_callback(
         lambda sql: updates.append(sql) if sql.startswith("UPDATE jobs SET status") else None)
     w.d._bursts = [(w.link, [started["together"], w.exited("together", 1)])]
-    w.d._apply_bursts()
+    store_bursts(w)
     w.store.db.conn.set_trace_callback(None)
     assert len(updates) == 1
     a, t = w.store.get("apart"), w.store.get("together")
@@ -644,7 +642,7 @@ def test_a_start_whose_end_in_the_burst_is_stale_stores_nothing(w: World) -> Non
     w.d.run_once()
     w.d._bursts = [(w.link, [messages.Started(job_id="j1", attempt=7, at=w.now),
                              w.exited("j1", 7)])]
-    w.d._apply_bursts()
+    store_bursts(w)
     job = w.store.get("j1")
     assert (job.status, job.started_at) == (Status.RUNNING, None)
     assert messages.Ack(job_id="j1", attempt=7) in w.link.sent

@@ -16,14 +16,20 @@ def ended(jobs: store.Store, n: int) -> list[store.Job]:
     return [finish(jobs, f"j{i}", running(jobs, f"j{i}").attempt) for i in range(n)]
 
 
-def test_jobs_that_end_while_a_round_is_written_go_together_in_the_next(
-        tmp_path: pathlib.Path) -> None:
+def recorder_of(tmp_path: pathlib.Path, heard: list[str]
+                ) -> tuple[store.Store, results.Recorder]:
+    """A store and its recorder, telling ``heard`` of each job whose record is written."""
     db = database.open_database(tmp_path / "jobs.sqlite")
     jobs = store.Store(db, Clock())
-    done = ended(jobs, 5)
+    return jobs, results.Recorder(tmp_path / "results", jobs, commits.GroupCommit(db),
+                                  heard.append)
+
+
+def test_jobs_that_end_while_a_round_is_written_go_together_in_the_next(
+        tmp_path: pathlib.Path) -> None:
     heard: list[str] = []
-    recorder = results.Recorder(tmp_path / "results", jobs, commits.GroupCommit(db),
-                                heard.append)
+    jobs, recorder = recorder_of(tmp_path, heard)
+    done = ended(jobs, 5)
     rounds: list[list[str]] = []
     threads: set[str] = set()
     first_round_began, first_round_may_end = threading.Event(), threading.Event()
@@ -50,7 +56,7 @@ def test_jobs_that_end_while_a_round_is_written_go_together_in_the_next(
         first_round_may_end.set()
         await asyncio.gather(*recorder.writing)
         assert not recorder.writing
-        await asyncio.sleep(0.01)  # the group writes the notes of what was written
+        await asyncio.sleep(0)  # the group writes the notes of what was written
         recorder.close()
 
     asyncio.run(main())
@@ -60,17 +66,14 @@ def test_jobs_that_end_while_a_round_is_written_go_together_in_the_next(
     assert len(list((tmp_path / "results").glob("*.jsonl"))) == 5
     assert jobs.unrecorded() == []
     assert recorder.record_missing() == 0
-    db.conn.close()
+    jobs.db.conn.close()
 
 
 def test_a_job_ending_after_the_writer_finished_starts_a_writer_of_its_own(
         tmp_path: pathlib.Path) -> None:
-    db = database.open_database(tmp_path / "jobs.sqlite")
-    jobs = store.Store(db, Clock())
-    done = ended(jobs, 2)
     heard: list[str] = []
-    recorder = results.Recorder(tmp_path / "results", jobs, commits.GroupCommit(db),
-                                heard.append)
+    jobs, recorder = recorder_of(tmp_path, heard)
+    done = ended(jobs, 2)
 
     async def main() -> None:
         recorder.running = True
@@ -78,10 +81,10 @@ def test_a_job_ending_after_the_writer_finished_starts_a_writer_of_its_own(
             recorder.record_then_notify([job])
             await asyncio.gather(*recorder.writing)
             assert not recorder.writing
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0)  # the group writes the notes of what was written
         recorder.close()
 
     asyncio.run(main())
     assert heard == ["j0", "j1"]
     assert jobs.unrecorded() == []
-    db.conn.close()
+    jobs.db.conn.close()

@@ -654,13 +654,6 @@ class Dispatcher:
             self.commits.call(self._store_bursts, self._bursts_not_stored)
         self._bursts.append((link, msgs))
 
-    def _apply_bursts(self) -> None:
-        """Store the bursts received so far now (with what the group has queued)."""
-        try:
-            self.commits.flush_with(self._store_bursts)
-        except Exception as exc:  # the COMMIT failed (a full disk): nothing is stored
-            self._bursts_not_stored(exc)
-
     def _live_only(self, link: agents.Link, msgs: list[messages.Up]) -> None:
         if (node := self.node_of(link)) is not None:
             node.last_heard = self.mono()
