@@ -240,6 +240,26 @@ def test_only_the_two_form_fields_and_wait(cluster: Cluster, user: User) -> None
     assert cluster.get(user, "jobs").json() == []
 
 
+def test_a_broken_or_overlong_multipart_form_is_400(cluster: Cluster, user: User) -> None:
+    config = GOOD.format(user=user.name).encode()
+    part = (b"--B\r\nContent-Disposition: form-data; name=\"%s\"; filename=\"f\"\r\n\r\n"
+            b"%s\r\n")
+    whole = part % (b"code", b"print(1)") + part % (b"config_file", config) + b"--B--\r\n"
+    headers = {**user.headers, "Content-Type": "multipart/form-data; boundary=B"}
+
+    def send(body: bytes) -> requests.Response:
+        return requests.post(f"{cluster.url}/api/submit?wait=false", headers=headers,
+                             data=body, timeout=10)
+
+    assert send(whole).status_code == 202  # the same form, whole, is taken
+    r = send(whole[:-12])  # cut inside the last part
+    assert (r.status_code, r.json()) == (400, {"detail": "Invalid multipart/form-data"})
+    r = send(part % (b"code", b"print(1)") * 17 + b"--B--\r\n")
+    assert (r.status_code, r.json()) == (
+        400, {"detail": "A submission's form has at most 16 parts"})
+    assert len(cluster.get(user, "jobs").json()) == 1
+
+
 def test_unknown_route_and_method(cluster: Cluster, user: User) -> None:
     r = requests.get(f"{cluster.url}/api/nothing", timeout=10)
     assert (r.status_code, r.json()) == (404, {"detail": "Not Found"})

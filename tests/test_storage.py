@@ -8,6 +8,7 @@ import errno
 import os
 import pathlib
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+import requests
 from gpujobq.controller import errors
 
 from tests import cluster as cluster_mod
@@ -194,6 +196,39 @@ def test_a_full_database_disk_answers_503_and_recovers(tmp_path: pathlib.Path) -
             assert [j["job_id"] for j in c.get(user, "jobs").json()][1:] == [
                 after.json()["job_id"], earlier_id]
         assert rows(root / "gpujobq.db", "PRAGMA integrity_check") == [("ok",)]
+
+
+# ---- the WAL's sync ------------------------------------------------------------------------
+
+
+def test_a_submit_is_answered_only_once_its_wal_is_on_disk(tmp_path: pathlib.Path) -> None:
+    """The group transaction COMMITs without an fsync and a helper process syncs the WAL:
+    while the helper is frozen, the submit is written but not answered."""
+    with cluster_mod.running(tmp_path / "c", **FAST) as c:
+        user = c.user()
+        assert c.proc is not None
+        helpers = pathlib.Path(f"/proc/{c.proc.pid}/task/{c.proc.pid}/children").read_text()
+        (helper,) = [int(pid) for pid in helpers.split()
+                     if "gpujobq.controller.walsync" in
+                     pathlib.Path(f"/proc/{pid}/cmdline").read_text()]
+        os.kill(helper, signal.SIGSTOP)
+        answer: list[requests.Response] = []
+        try:
+            sender = threading.Thread(target=lambda: answer.append(
+                c.submit(user, "print('synced')", wait=False)))
+            sender.start()
+            deadline = time.monotonic() + 30
+            while not rows(c.db_path, f"SELECT id FROM jobs WHERE user_id = '{user.name}'"):
+                assert time.monotonic() < deadline, "the submit was never written"
+                time.sleep(0.05)
+            time.sleep(0.5)
+            assert answer == []  # written, not yet on disk: not answered
+        finally:
+            os.kill(helper, signal.SIGCONT)
+        sender.join(30)
+        assert answer and answer[0].status_code == 202, answer
+        done = c.wait_status(user, answer[0].json()["job_id"], {"completed"})
+        assert done["status"] == "completed"
 
 
 # ---- an unwritable results folder ---------------------------------------------------------

@@ -58,7 +58,7 @@ class Drain:
         if sim is not None:
             pids["agents"] = sim.proc.pid  # type: ignore[union-attr]
         loop = ctl.proc.pid  # type: ignore[union-attr]  # its event loop: the main thread
-        cpu0 = {k: system.cpu_seconds(p) for k, p in pids.items()}
+        cpu0 = {k: system.family_cpu(p) for k, p in pids.items()}
         cpu0["load generator"] = time.process_time()
         loop0 = system.cpu_seconds(loop, loop)
         t0 = time.time()
@@ -85,7 +85,7 @@ class Drain:
         finally:
             db.close()
         # CPU seconds per job of each process: what bounds the rate on this machine.
-        cpu1 = {k: system.cpu_seconds(p) for k, p in pids.items()}
+        cpu1 = {k: system.family_cpu(p) for k, p in pids.items()}
         cpu1["load generator"] = time.process_time()
         self.cpu = {k: (cpu1[k] - cpu0[k]) / max(1, n) for k in cpu0}
         self.loop_cpu = (system.cpu_seconds(loop, loop) - loop0) / max(1, n)

@@ -141,7 +141,7 @@ def b10(root: pathlib.Path, trials: int) -> Figure:
 def _cpu(pids: dict[str, int], here: str = "follower") -> dict[str, float]:
     """CPU seconds used so far by each process with its descendants, and by this one
     (as ``here``)."""
-    used = {k: sum(system.cpu_seconds(p) for p in _family(pid)) for k, pid in pids.items()}
+    used = {k: system.family_cpu(pid) for k, pid in pids.items()}
     used[here] = time.process_time()
     return used
 
@@ -157,17 +157,6 @@ def _settle(pids: dict[str, int], quiet: float = 0.5, limit: float = 60.0) -> No
         if all(now[k] - last[k] < 0.02 for k in pids):
             return
         last = now
-
-
-def _family(pid: int) -> list[int]:
-    """A process and its descendants now alive."""
-    found, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        found.append(p)
-        for task in pathlib.Path(f"/proc/{p}/task").glob("*/children"):
-            todo += [int(c) for c in task.read_text().split()]
-    return found
 
 
 def _bound(cpu: dict[str, list[float]], ours: float, base: float) -> str:

@@ -54,6 +54,22 @@ def cpu_seconds(pid: int, thread: int | None = None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def family(pid: int) -> list[int]:
+    """A process and its descendants now alive (the controller's WAL sync helper)."""
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        for task in pathlib.Path(f"/proc/{p}/task").glob("*/children"):
+            todo += [int(c) for c in task.read_text().split()]
+    return found
+
+
+def family_cpu(pid: int) -> float:
+    """CPU seconds of a process and of its descendants now alive."""
+    return sum(cpu_seconds(p) for p in family(pid))
+
+
 class Controller:
     """The real controller (`python -m gpujobq.controller serve`) on a fresh folder."""
 

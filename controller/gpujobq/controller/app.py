@@ -24,6 +24,7 @@ from gpujobq.controller import (
     metrics,
     service,
     store,
+    walsync,
 )
 from gpujobq.controller.settings import Settings
 from gpujobq.protocol import inventory
@@ -123,6 +124,9 @@ def create_app(settings: Settings) -> Litestar:
         jobs = store.Store(db, clock)
         disp = dispatcher.Dispatcher(store=jobs, settings=settings, inventory=inv,
                                      link_factory=links, clock=clock)
+        # The group transaction's fsync, off the event loop (see walsync).
+        syncer = disp.commits.syncer = walsync.WalSync(settings.database)
+        syncer.start()
 
         def apply(new: inventory.Inventory) -> list[str]:
             changes = disp.apply_inventory(new)
@@ -151,6 +155,7 @@ def create_app(settings: Settings) -> Litestar:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            syncer.close()
             db.close()
 
     return Litestar(

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import sqlite_utils
+from gpujobq.controller import walsync
 from gpujobq.controller.database import write
 
 T = TypeVar("T")
@@ -25,16 +26,26 @@ class GroupCommit:
     without waiting. At the end of the loop's current pass, or sooner when
     ``flush_with`` runs work that cannot wait (the dispatcher's), every queued ``fn`` runs
     inside one write transaction, each under its own savepoint (one that raises undoes
-    only its own writes), then one COMMIT. Nobody hears back before that COMMIT:
-    acknowledged still means on disk. What a writer must do only once its writes are
-    durable (tell an agent, answer a waiter) it registers with ``after``. A failed COMMIT
-    fails them all, and nothing registered with ``after`` runs.
+    only its own writes), then one COMMIT. Nobody hears back before that COMMIT is on
+    disk: acknowledged still means on disk. What a writer must do only once its writes
+    are durable (tell an agent, answer a waiter) it registers with ``after``. A failed
+    COMMIT fails them all, and nothing registered with ``after`` runs.
+
+    With a running ``syncer`` (walsync) the COMMIT skips its fsync and the helper process
+    syncs the WAL while the loop goes on; the group's writers hear back when it is done.
+    Meanwhile the next group gathers, and is written once that sync is done.
     """
 
-    def __init__(self, db: sqlite_utils.Database) -> None:
+    def __init__(self, db: sqlite_utils.Database, syncer: walsync.WalSync | None = None) -> None:
         self.db = db
+        # With a running syncer, a group COMMITs without the fsync and its writers hear
+        # back once the syncer has the WAL on disk; meanwhile the next group gathers.
+        self.syncer = syncer
         self._queued: list[_Queued] = []
         self._after: list[Callable[[], None]] | None = None  # while flushing
+        # Groups committed and waiting for their sync: what to do once it is done.
+        self._unsynced: list[Callable[[BaseException | None], None]] = []
+        self._syncing = False
 
     async def run(self, fn: Callable[[], T]) -> T:
         loop = asyncio.get_running_loop()
@@ -49,7 +60,8 @@ class GroupCommit:
         self._queue(_Queued(fn, None, on_failure))
 
     def after(self, action: Callable[[], None]) -> None:
-        """Once the COMMIT of the transaction being written is done (at once outside one)."""
+        """Once the COMMIT of the transaction being written is on disk (at once outside
+        one)."""
         if self._after is None:
             action()
         else:
@@ -58,31 +70,41 @@ class GroupCommit:
     def flush_with(self, fn: Callable[[], T]) -> T:
         """Run what is queued and ``fn`` in one transaction, now; ``fn``'s result, or its
         exception (its writes undone), or the COMMIT's."""
-        if self._after is not None or not self._queued:
-            # Inside a flush already: join its transaction. Nothing queued: ``fn`` takes a
-            # transaction only if it writes (a dispatcher pass that places nothing costs
-            # no BEGIN and COMMIT).
+        if self._after is not None or not (self._queued or self._syncing):
+            # Inside a flush already: join its transaction. Nothing queued or syncing:
+            # ``fn`` takes a transaction only if it writes (a dispatcher pass that places
+            # nothing costs no BEGIN and COMMIT). While a group syncs, ``fn`` goes through
+            # a group too, so that what it tells follows what that group tells.
             return fn()
-        outcome: list[T] = []
-        failure: list[BaseException] = []
-        self._queued.append(_Queued(fn, None, failure.append, outcome.append))
-        self._flush()
-        if failure:
-            raise failure[0]
-        return outcome[0]
+        now = _Queued(fn, None, None)
+        self._queued.append(now)
+        outcomes, failed = self._flush()
+        if failed is not None:
+            raise failed
+        for item, value, exc in outcomes:  # at once: what it tells waits for the sync
+            if item is now:
+                if exc is not None:
+                    raise exc
+                return value  # type: ignore[no-any-return]
+        raise AssertionError("flush_with: its writer did not run")
 
     def _queue(self, item: _Queued) -> None:
-        if not self._queued:
+        if not self._queued and not self._syncing:  # else: flushed once the sync is done
             asyncio.get_running_loop().call_soon(self._flush)
         self._queued.append(item)
 
-    def _flush(self) -> None:
+    def _flush(self) -> tuple[list[_Outcome], BaseException | None]:
+        """Write the queued group and COMMIT it; what each writer returned or raised, and
+        the BEGIN's or COMMIT's exception. They hear back after the sync."""
         batch, self._queued = self._queued, []
+        outcomes: list[_Outcome] = []
         if not batch:
-            return
-        outcomes: list[tuple[_Queued, Any, BaseException | None]] = []
+            return outcomes, None
         self._after = after = []
+        unsynced = self.syncer is not None and self.syncer.alive
         try:
+            if unsynced:
+                self.db.execute("PRAGMA synchronous=NORMAL")
             with write(self.db):
                 self.db._batched = True  # type: ignore[attr-defined]  # writes inside: savepoints
                 try:
@@ -99,9 +121,45 @@ class GroupCommit:
         except Exception as exc:  # BEGIN or COMMIT failed: nothing of the batch is stored
             for item in batch:
                 item.fail(exc)
-            return
+            return outcomes, exc
         finally:
             self._after = None
+            if unsynced:
+                self.db.execute("PRAGMA synchronous=FULL")
+        if unsynced:
+            self._unsynced.append(lambda exc: self._told(after, outcomes, batch, exc))
+            if not self._syncing:
+                self._sync()
+        else:
+            self._told(after, outcomes, batch, None)
+        return outcomes, None
+
+    def _sync(self) -> None:
+        assert self.syncer is not None
+        waiting, self._unsynced = self._unsynced, []
+        self._syncing = True
+        self.syncer.sync(lambda exc: self._synced(waiting, exc))
+
+    def _synced(self, waiting: list[Callable[[BaseException | None], None]],
+                exc: BaseException | None) -> None:
+        self._syncing = False
+        for tell in waiting:
+            tell(exc)
+        if exc is not None:  # the syncer stops the controller
+            return
+        if self._queued:  # gathered while the sync ran: the next group, synced in turn
+            self._flush()
+        elif self._unsynced:
+            self._sync()
+
+    def _told(self, after: list[Callable[[], None]],
+              outcomes: list[_Outcome],
+              batch: list[_Queued], failed: BaseException | None) -> None:
+        """A group's writers hear back, once its COMMIT (and sync) is done."""
+        if failed is not None:  # not on disk: nobody may act on it
+            for item in batch:
+                item.fail(failed)
+            return
         for action in after:
             try:  # one failing must not keep the rest back
                 action()
@@ -137,6 +195,9 @@ class _Queued:
                 self.on_failure(exc)
             except Exception:
                 log.exception("handling a failed write failed")
+
+
+_Outcome = tuple[_Queued, Any, BaseException | None]  # what a writer returned, or raised
 
 
 # ---- checkpoints ------------------------------------------------------------------------
