@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import math
 
+import msgspec
 import pytest
 import yaml
 from gpujobq.protocol import jobconfig, yamlsafe
@@ -189,6 +190,14 @@ def test_for_job_drops_token() -> None:
         "competition_id": "comp-1", "project_id": "proj_1", "user_id": "alice",
         "expected_time": 300.0,
     }
+
+
+def test_for_job_keeps_the_text_of_configs_without_a_token_only() -> None:
+    plain = msgspec.structs.replace(EXPECTED, token=None)
+    assert jobconfig.for_job(plain) is jobconfig.for_job(plain)  # rendered once
+    kept = jobconfig._kept.cache_info().currsize
+    assert jobconfig.for_job(EXPECTED) == jobconfig.for_job(plain)  # the job sees the same
+    assert jobconfig._kept.cache_info().currsize == kept  # the token's config is not kept
 
 
 def test_for_job_round_trips_through_parse() -> None:

@@ -7,6 +7,7 @@ flow mapping, and JSON parses as YAML too, so one loader takes all three forms.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Annotated, Any
 
@@ -58,7 +59,18 @@ def parse(raw: bytes) -> JobConfig:
 
 
 def for_job(config: JobConfig) -> bytes:
-    """config.yaml as the job sees it: the fields it sent, never the token."""
+    """config.yaml as the job sees it: the fields it sent, never the token. A user sends
+    the same config.yaml submission after submission, so the text is kept per config
+    (not for one holding a token: no token stays in memory)."""
+    return _render(config) if config.token is not None else _kept(config)
+
+
+@functools.lru_cache(maxsize=4096)
+def _kept(config: JobConfig) -> bytes:
+    return _render(config)
+
+
+def _render(config: JobConfig) -> bytes:
     fields: dict[str, Any] = msgspec.structs.asdict(config)
     fields.pop("token", None)
     if fields["gpus"] is None:
