@@ -156,3 +156,38 @@ def test_sync_once_follows_a_replaced_wal(tmp_path: pathlib.Path) -> None:
     assert walsync.sync_once(db, again) == -1  # no WAL: the database file is synced
     with pytest.raises(OSError):
         os.fstat(again)  # closed, not leaked
+
+
+async def test_the_helper_outlives_the_signals_that_stop_the_controller(
+        tmp_path: pathlib.Path) -> None:
+    """Ctrl-C and systemd's SIGTERM reach the helper too; it goes on until the controller
+    closes the pipe (the controller may need a sync while it stops)."""
+    async with synced_group(tmp_path) as (db, group, syncer, _):
+        assert syncer.proc is not None
+        assert await asyncio.wait_for(group.run(lambda: insert(db, 1)), 10) == 1  # it is up
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            os.kill(syncer.proc.pid, sig)
+        assert await asyncio.wait_for(group.run(lambda: insert(db, 2)), 10) == 2
+        assert syncer.alive and syncer.proc.poll() is None
+        proc = syncer.proc
+        syncer.close()
+        assert proc.wait(10) == 0
+
+
+async def test_without_a_helper_the_group_syncs_on_the_loop(
+        tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    db = database.open_database(tmp_path / "g.db")
+    db.execute("CREATE TABLE t (v INTEGER UNIQUE)")
+    monkeypatch.setattr(walsync.sys, "executable", str(tmp_path / "no-python"))
+    syncer = walsync.WalSync(tmp_path / "g.db")
+    with caplog.at_level(logging.WARNING):
+        syncer.start()
+    assert not syncer.alive and "no WAL sync helper" in caplog.text
+    group = commits.GroupCommit(db, syncer)
+    modes: list[str] = []
+    db.conn.set_trace_callback(lambda sql: modes.append(sql) if "synchronous" in sql else None)
+    assert await asyncio.wait_for(group.run(lambda: insert(db, 1)), 10) == 1
+    assert modes == []  # FULL throughout: the COMMIT itself syncs
+    syncer.close()
+    db.close()

@@ -24,6 +24,7 @@ import asyncio
 import logging
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -66,6 +67,11 @@ def _close(fd: int | None) -> None:
 
 
 def main() -> None:
+    # Ctrl-C in a terminal and systemd's SIGTERM reach the whole group: the controller
+    # may still need a sync while it stops. The helper ends when the controller closes
+    # its end of the pipe (or exits, however it exits).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     database = pathlib.Path(sys.argv[1])
     fd: int | None = None
     while os.read(0, 1):  # empty: the controller is gone
@@ -102,9 +108,13 @@ class WalSync:
     def start(self) -> None:
         """Start the helper and listen for its answers (inside the running loop)."""
         self._loop = asyncio.get_running_loop()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gpujobq.controller.walsync", str(self.database)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "gpujobq.controller.walsync", str(self.database)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+        except OSError as exc:
+            log.warning("no WAL sync helper (%s): syncing on the event loop", exc)
+            return
         assert self.proc.stdout is not None
         os.set_blocking(self.proc.stdout.fileno(), False)
         self._loop.add_reader(self.proc.stdout.fileno(), self._answered)
