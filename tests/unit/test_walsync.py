@@ -191,3 +191,47 @@ async def test_without_a_helper_the_group_syncs_on_the_loop(
     assert modes == []  # FULL throughout: the COMMIT itself syncs
     syncer.close()
     db.close()
+
+
+async def test_what_is_told_outside_a_group_waits_for_the_groups_before_it(
+        tmp_path: pathlib.Path) -> None:
+    """A Cancel read from a dispatched (not yet synced) job must not overtake its RunJob."""
+    async with synced_group(tmp_path) as (db, group, syncer, _):
+        order: list[str] = []
+        with helper_stopped(syncer):
+            group.call(lambda: group.after(lambda: order.append("RunJob")))
+            await turns(2)  # committed, syncing
+            group.after(lambda: order.append("Cancel"))
+            await turns()
+            assert order == []
+        for _ in range(200):
+            if len(order) == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert order == ["RunJob", "Cancel"]
+        group.after(lambda: order.append("at once"))  # nothing waits for a sync now
+        assert order[-1] == "at once"
+
+
+async def test_groups_written_while_the_helper_dies_are_all_told_in_order(
+        tmp_path: pathlib.Path) -> None:
+    async with synced_group(tmp_path) as (db, group, syncer, _):
+        assert syncer.proc is not None
+        order: list[str] = []
+        with helper_stopped(syncer):
+            first = asyncio.ensure_future(group.run(lambda: insert(db, 1)))
+            group.call(lambda: group.after(lambda: order.append("first group")))
+            await turns(2)  # the first group syncs
+
+            def dispatch() -> None:
+                insert(db, 2)
+                group.after(lambda: order.append("dispatch"))
+
+            group.flush_with(dispatch)  # a second group, committed behind the sync
+            last = asyncio.ensure_future(group.run(lambda: insert(db, 3)))
+            group.call(lambda: group.after(lambda: order.append("last group")))
+            await turns(2)
+            os.kill(syncer.proc.pid, signal.SIGKILL)
+        assert await asyncio.wait_for(asyncio.gather(first, last), 10) == [1, 3]
+        assert order == ["first group", "dispatch", "last group"]
+        assert not syncer.alive

@@ -125,7 +125,7 @@ def create_app(settings: Settings) -> Litestar:
         disp = dispatcher.Dispatcher(store=jobs, settings=settings, inventory=inv,
                                      link_factory=links, clock=clock)
         # The group transaction's fsync, off the event loop (see walsync).
-        syncer = disp.commits.syncer = walsync.WalSync(settings.database)
+        syncer = disp.commits.syncer = walsync.WalSync.of(db)
         syncer.start()
 
         def apply(new: inventory.Inventory) -> list[str]:

@@ -43,7 +43,9 @@ class GroupCommit:
         self.syncer = syncer
         self._queued: list[_Queued] = []
         self._after: list[Callable[[], None]] | None = None  # while flushing
-        # Groups committed and waiting for their sync: what to do once it is done.
+        # Groups committed and waiting for their sync: what to do once it is done. The
+        # groups of the sync in flight, then those committed since (synced next).
+        self._in_flight: list[Callable[[BaseException | None], None]] = []
         self._unsynced: list[Callable[[BaseException | None], None]] = []
         self._syncing = False
 
@@ -60,12 +62,17 @@ class GroupCommit:
         self._queue(_Queued(fn, None, on_failure))
 
     def after(self, action: Callable[[], None]) -> None:
-        """Once the COMMIT of the transaction being written is on disk (at once outside
-        one)."""
-        if self._after is None:
-            action()
-        else:
+        """Once the COMMIT of the transaction being written is on disk. Outside one: at
+        once, or, while groups wait for their sync, once they have been told (what it
+        does may follow from their writes: a Cancel must not overtake the RunJob)."""
+        if self._after is not None:
             self._after.append(action)
+        elif self._unsynced:
+            self._unsynced.append(lambda exc: _run(action) if exc is None else None)
+        elif self._syncing:
+            self._in_flight.append(lambda exc: _run(action) if exc is None else None)
+        else:
+            action()
 
     def flush_with(self, fn: Callable[[], T]) -> T:
         """Run what is queued and ``fn`` in one transaction, now; ``fn``'s result, or its
@@ -126,7 +133,9 @@ class GroupCommit:
             self._after = None
             if unsynced:
                 self.db.execute("PRAGMA synchronous=FULL")
-        if unsynced:
+        if unsynced or self._syncing or self._unsynced:
+            # Told after the groups before it, even if this COMMIT synced by itself (the
+            # helper died meanwhile): they hear back in the order they were written.
             self._unsynced.append(lambda exc: self._told(after, outcomes, batch, exc))
             if not self._syncing:
                 self._sync()
@@ -136,12 +145,12 @@ class GroupCommit:
 
     def _sync(self) -> None:
         assert self.syncer is not None
-        waiting, self._unsynced = self._unsynced, []
+        self._in_flight, self._unsynced = self._unsynced, []
         self._syncing = True
-        self.syncer.sync(lambda exc: self._synced(waiting, exc))
+        self.syncer.sync(self._synced)
 
-    def _synced(self, waiting: list[Callable[[BaseException | None], None]],
-                exc: BaseException | None) -> None:
+    def _synced(self, exc: BaseException | None) -> None:
+        waiting, self._in_flight = self._in_flight, []
         self._syncing = False
         for tell in waiting:
             tell(exc)
@@ -149,7 +158,7 @@ class GroupCommit:
             return
         if self._queued:  # gathered while the sync ran: the next group, synced in turn
             self._flush()
-        elif self._unsynced:
+        if self._unsynced and not self._syncing:  # committed meanwhile, or a failed flush
             self._sync()
 
     def _told(self, after: list[Callable[[], None]],
@@ -161,15 +170,19 @@ class GroupCommit:
                 item.fail(failed)
             return
         for action in after:
-            try:  # one failing must not keep the rest back
-                action()
-            except Exception:
-                log.exception("an action after a commit failed")
+            _run(action)
         for item, value, exc in outcomes:
             if exc is None:
                 item.succeed(value)
             else:
                 item.fail(exc)
+
+
+def _run(action: Callable[[], None]) -> None:
+    try:  # one failing must not keep the rest back
+        action()
+    except Exception:
+        log.exception("an action after a commit failed")
 
 
 class _Queued:

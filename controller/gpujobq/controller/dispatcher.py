@@ -245,7 +245,8 @@ class Dispatcher:
 
     def _later(self, action: Callable[[], None]) -> None:
         if self._after_commit is None:
-            action()
+            # At once, unless writes it may follow from are still on their way to disk.
+            self.commits.after(action)
         else:
             self._after_commit.append(action)
 

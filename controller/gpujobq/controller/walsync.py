@@ -28,6 +28,10 @@ import signal
 import subprocess
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the helper process imports nothing it does not use
+    import sqlite_utils
 
 log = logging.getLogger(__name__)
 
@@ -93,13 +97,20 @@ class WalSync:
 
     def __init__(self, database: pathlib.Path,
                  on_failure: Callable[[BaseException], None] | None = None) -> None:
-        # SQLite keeps the WAL beside the file a symlink points to.
+        # SQLite keeps the WAL beside the file a symlink points to (the file named by
+        # PRAGMA database_list: see of()).
         self.database = database.resolve()
         self.on_failure = on_failure or _stop
         self.proc: subprocess.Popen[bytes] | None = None
         self._done: Callable[[BaseException | None], None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._fd: int | None = None  # the loop's own, once the helper is gone
+
+    @classmethod
+    def of(cls, db: sqlite_utils.Database) -> WalSync:
+        """For the database file a connection has open, as SQLite names it."""
+        (path,) = [row[2] for row in db.execute("PRAGMA database_list") if row[1] == "main"]
+        return cls(pathlib.Path(path))
 
     @property
     def alive(self) -> bool:
@@ -108,6 +119,9 @@ class WalSync:
     def start(self) -> None:
         """Start the helper and listen for its answers (inside the running loop)."""
         self._loop = asyncio.get_running_loop()
+        if not wal_of(self.database).exists():  # not in WAL mode, or not where we look
+            log.warning("no WAL beside %s: syncing on the event loop", self.database)
+            return
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "gpujobq.controller.walsync", str(self.database)],
