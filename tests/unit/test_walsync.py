@@ -196,7 +196,7 @@ async def test_without_a_helper_the_group_syncs_on_the_loop(
 async def test_what_is_told_outside_a_group_waits_for_the_groups_before_it(
         tmp_path: pathlib.Path) -> None:
     """A Cancel read from a dispatched (not yet synced) job must not overtake its RunJob."""
-    async with synced_group(tmp_path) as (db, group, syncer, _):
+    async with synced_group(tmp_path) as (_db, group, syncer, _):
         order: list[str] = []
         with helper_stopped(syncer):
             group.call(lambda: group.after(lambda: order.append("RunJob")))
