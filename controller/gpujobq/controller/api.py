@@ -206,8 +206,18 @@ def service_of(request: Request[Any, Any, Any]) -> service.JobService:
     return svc
 
 
+def header(request: Request[Any, Any, Any], name: bytes) -> str | None:
+    """One request header (``name`` lowercase, as the server hands them over), read
+    from the ASGI scope: ``request.headers`` builds a mapping of them all first, a few
+    per cent of a submit or a status read, for the one or two a route looks at."""
+    for key, value in request.scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
 def _token(request: Request[Any, Any, Any]) -> str | None:
-    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    scheme, _, value = (header(request, b"authorization") or "").partition(" ")
     return value.strip() or None if scheme.lower() == "bearer" else None
 
 
@@ -267,7 +277,7 @@ async def _form(request: Request[Any, Any, Any]) -> dict[str, list[bytes]]:
     in memory, and Litestar's own form reading writes each part to a temporary file
     object, closed again, which cost a third of a submit's HTTP handling (B5). Any other
     body (a urlencoded form) is read by Litestar, to be refused by name below."""
-    kind, options = request.content_type
+    kind, options = multipart.parse_options_header(header(request, b"content-type") or "")
     if kind != "multipart/form-data" or not options.get("boundary"):
         form = await request.form()
         return {name: [await v.read() if isinstance(v, UploadFile) else str(v).encode()
@@ -343,7 +353,7 @@ async def submit(request: Request[Any, Any, Any], wait: bool = True) -> Response
         raise errors.Forbidden(FORBIDDEN)
     if config.token is not None and config.token != _token(request):
         raise errors.Forbidden("The token in config.yaml does not match the Authorization header")
-    key = request.headers.get("idempotency-key")
+    key = header(request, b"idempotency-key")
     if key is not None and not (0 < len(key) <= 200 and key.isprintable()):
         raise errors.BadRequest("Idempotency-Key must be 1-200 printable characters")
     job = await svc.submit(config, code, key)
