@@ -10,7 +10,7 @@ import sys
 import time
 
 from tests.bench import load, system
-from tests.bench.stats import Figure, median, ms, p99
+from tests.bench.stats import Figure, median, ms, p99, signed_ms
 from tests.cluster import Agent
 
 IMAGE = "gpujobq-job:bookworm"
@@ -86,7 +86,7 @@ def b1_b2(root: pathlib.Path, trials: int) -> list[Figure]:
             f"time the job's first line prints; baseline {base}")
     return [
         Figure("B1", f"submit -> job start, beyond the {runtime} runtime's own start",
-               f"+{ms(add_med)} median, +{ms(add_p99)} p99",
+               f"{signed_ms(add_med)} median, {signed_ms(add_p99)} p99",
                f"{ms(median(bare_start))} median, {ms(p99(bare_start))} p99",
                f"{median(ours_start) / median(bare_start):.2f}x",
                "<= +50 ms median, <= +150 ms p99", add_med <= 0.050 and add_p99 <= 0.150,

@@ -52,3 +52,8 @@ def table(figures: Sequence[Figure]) -> str:
 
 def ms(seconds: float) -> str:
     return f"{seconds * 1000:.1f} ms"
+
+
+def signed_ms(seconds: float) -> str:
+    """A difference: +5.0 ms, -3.2 ms."""
+    return f"{seconds * 1000:+.1f} ms"
