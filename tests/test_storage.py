@@ -201,33 +201,89 @@ def test_a_full_database_disk_answers_503_and_recovers(tmp_path: pathlib.Path) -
 # ---- the WAL's sync ------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def helper_frozen(c: cluster_mod.Cluster) -> Iterator[None]:
+    """The controller's WAL sync helper stopped (SIGSTOP): nothing it is asked to sync is
+    synced until the block ends."""
+    assert c.proc is not None
+    children = pathlib.Path(f"/proc/{c.proc.pid}/task/{c.proc.pid}/children").read_text()
+    (helper,) = [int(pid) for pid in children.split()
+                 if "gpujobq.controller.walsync" in
+                 pathlib.Path(f"/proc/{pid}/cmdline").read_text()]
+    os.kill(helper, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(helper, signal.SIGCONT)
+
+
+def keyed_submit(c: cluster_mod.Cluster, user: cluster_mod.User, key: str
+                 ) -> requests.Response:
+    config = {"competition_id": "test", "project_id": "demo", "user_id": user.name,
+              "expected_time": 30}
+    return requests.post(f"{c.url}/api/submit?wait=false",
+                         headers={**user.headers, "Idempotency-Key": key},
+                         files={"code": ("solution.py", "print('synced')"),
+                                "config_file": ("config.yaml", str(config))}, timeout=30)
+
+
+def wait_written(c: cluster_mod.Cluster, user: cluster_mod.User) -> list[tuple[object, ...]]:
+    deadline = time.monotonic() + 30
+    while not (found := rows(c.db_path, f"SELECT id FROM jobs WHERE user_id = '{user.name}'")):
+        assert time.monotonic() < deadline, "the submit was never written"
+        time.sleep(0.05)
+    return found
+
+
 def test_a_submit_is_answered_only_once_its_wal_is_on_disk(tmp_path: pathlib.Path) -> None:
     """The group transaction COMMITs without an fsync and a helper process syncs the WAL:
     while the helper is frozen, the submit is written but not answered."""
     with cluster_mod.running(tmp_path / "c", **FAST) as c:
         user = c.user()
-        assert c.proc is not None
-        helpers = pathlib.Path(f"/proc/{c.proc.pid}/task/{c.proc.pid}/children").read_text()
-        (helper,) = [int(pid) for pid in helpers.split()
-                     if "gpujobq.controller.walsync" in
-                     pathlib.Path(f"/proc/{pid}/cmdline").read_text()]
-        os.kill(helper, signal.SIGSTOP)
         answer: list[requests.Response] = []
-        try:
+        with helper_frozen(c):
             sender = threading.Thread(target=lambda: answer.append(
                 c.submit(user, "print('synced')", wait=False)))
             sender.start()
-            deadline = time.monotonic() + 30
-            while not rows(c.db_path, f"SELECT id FROM jobs WHERE user_id = '{user.name}'"):
-                assert time.monotonic() < deadline, "the submit was never written"
-                time.sleep(0.05)
+            wait_written(c, user)
             time.sleep(0.5)
             assert answer == []  # written, not yet on disk: not answered
-        finally:
-            os.kill(helper, signal.SIGCONT)
         sender.join(30)
         assert answer and answer[0].status_code == 202, answer
         done = c.wait_status(user, answer[0].json()["job_id"], {"completed"})
+        assert done["status"] == "completed"
+
+
+def test_a_controller_killed_before_the_sync_leaves_one_job_for_the_retry(
+        tmp_path: pathlib.Path) -> None:
+    """Killed between the COMMIT and the sync: the client heard nothing and retries with
+    its Idempotency-Key; whatever reached the disk, there is one job, and it runs."""
+    with cluster_mod.running(tmp_path / "c", **FAST) as c:
+        user = c.user()
+        answer: list[requests.Response | Exception] = []
+
+        def send() -> None:
+            try:
+                answer.append(keyed_submit(c, user, "once"))
+            except requests.RequestException as exc:
+                answer.append(exc)
+
+        with helper_frozen(c):
+            sender = threading.Thread(target=send)
+            sender.start()
+            wait_written(c, user)
+            assert c.proc is not None
+            c.proc.kill()  # SIGKILL, the sync still asked for
+            c.proc.wait(10)
+        sender.join(30)
+        assert len(answer) == 1 and isinstance(answer[0], requests.RequestException), answer
+        c.start_controller()
+        retry = keyed_submit(c, user, "once")
+        assert retry.status_code in (200, 202), retry.text
+        stored = rows(c.db_path, f"SELECT id FROM jobs WHERE user_id = '{user.name}'")
+        assert stored == [(retry.json()["job_id"],)]  # the one written before the kill
+        done = c.wait_status(user, retry.json()["job_id"], {"completed"})
         assert done["status"] == "completed"
 
 
