@@ -8,7 +8,7 @@ import logging
 import os
 import pathlib
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 import sqlite_utils
@@ -50,6 +50,14 @@ def helper_stopped(syncer: walsync.WalSync):  # type: ignore[no-untyped-def]
         yield
     finally:
         os.kill(syncer.proc.pid, signal.SIGCONT)
+
+
+async def until(done: Callable[[], bool], timeout: float = 10) -> None:
+    """Turns of the loop until ``done()`` (the helper answers in its own time)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not done():
+        assert asyncio.get_running_loop().time() < deadline, "never happened"
+        await asyncio.sleep(0.01)
 
 
 async def turns(n: int = 20) -> None:
@@ -100,10 +108,7 @@ async def test_flush_with_answers_at_once_and_tells_after_the_earlier_group(
 
             assert group.flush_with(dispatch) == "placed"  # its result now, for the pass
             assert order == []
-        for _ in range(200):
-            if len(order) == 2:
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: len(order) == 2)
         assert order == ["earlier group", "RunJob sent"]
 
 
@@ -204,10 +209,7 @@ async def test_what_is_told_outside_a_group_waits_for_the_groups_before_it(
             group.after(lambda: order.append("Cancel"))
             await turns()
             assert order == []
-        for _ in range(200):
-            if len(order) == 2:
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: len(order) == 2)
         assert order == ["RunJob", "Cancel"]
         group.after(lambda: order.append("at once"))  # nothing waits for a sync now
         assert order[-1] == "at once"

@@ -8,12 +8,10 @@ import logging
 from typing import Annotated, Any
 
 import msgspec
-import multipart  # type: ignore[import-untyped]
-from gpujobq.controller import database, errors, logs, results, scheduler, service, store
+from gpujobq.controller import database, errors, forms, logs, results, scheduler, service, store
 from gpujobq.protocol import jobconfig
 from gpujobq.protocol.states import TERMINAL
 from litestar import Request, Response, get, post
-from litestar.datastructures import UploadFile
 from litestar.enums import ParamType
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import OpenAPIConfig, ResponseSpec
@@ -206,18 +204,8 @@ def service_of(request: Request[Any, Any, Any]) -> service.JobService:
     return svc
 
 
-def header(request: Request[Any, Any, Any], name: bytes) -> str | None:
-    """One request header (``name`` lowercase, as the server hands them over), read
-    from the ASGI scope: ``request.headers`` builds a mapping of them all first, a few
-    per cent of a submit or a status read, for the one or two a route looks at."""
-    for key, value in request.scope["headers"]:
-        if key == name:
-            return value.decode("latin-1")
-    return None
-
-
 def _token(request: Request[Any, Any, Any]) -> str | None:
-    scheme, _, value = (header(request, b"authorization") or "").partition(" ")
+    scheme, _, value = (forms.header(request, b"authorization") or "").partition(" ")
     return value.strip() or None if scheme.lower() == "bearer" else None
 
 
@@ -266,56 +254,6 @@ FORM_FIELDS = ("code", "config_file")
 SUBMIT_QUERY = ("wait",)
 
 
-MAX_PARTS = 16  # a submission has two; more is refused while parsing
-
-
-async def _form(request: Request[Any, Any, Any]) -> dict[str, list[bytes]]:
-    """The submission's form: each field's values, as the bytes sent.
-
-    multipart/form-data (what curl -F and the guide's Python example send) is parsed
-    here from the body in one go: the body is capped (request_max_body_size) and already
-    in memory, and Litestar's own form reading writes each part to a temporary file
-    object, closed again, which cost a third of a submit's HTTP handling (B5). Any other
-    body (a urlencoded form) is read by Litestar, to be refused by name below."""
-    kind, options = multipart.parse_options_header(header(request, b"content-type") or "")
-    if kind != "multipart/form-data" or not options.get("boundary"):
-        form = await request.form()
-        return {name: [await v.read() if isinstance(v, UploadFile) else str(v).encode()
-                       for v in form.getall(name)] for name in form}
-    body = await request.body()
-    fields: dict[str, list[bytes]] = {}
-    try:
-        with multipart.PushMultipartParser(options["boundary"],
-                                           max_segment_count=MAX_PARTS) as parser:
-            name, chunks = "", []
-            for event in parser.parse(body):
-                if isinstance(event, multipart.MultipartSegment):
-                    name, chunks = event.name, []
-                elif event is not None:
-                    chunks.append(event)
-                else:
-                    fields.setdefault(name, []).append(b"".join(chunks))
-            if not parser.closed:
-                list(parser.parse(b""))  # end of input: a truncated form raises
-    except multipart.ParserLimitReached as exc:
-        raise errors.BadRequest(f"A submission's form has at most {MAX_PARTS} parts") from exc
-    except multipart.ParserError as exc:
-        raise errors.BadRequest("Invalid multipart/form-data") from exc
-    return fields
-
-
-def _part(form: dict[str, list[bytes]], name: str, limit: int, what: str) -> bytes:
-    values = form.get(name, [])
-    if not values:
-        raise errors.BadRequest(f"Missing form field '{name}' (send it with -F '{name}=@FILE')")
-    if len(values) > 1:
-        raise errors.BadRequest(f"Form field '{name}' is sent {len(values)} times; send it once")
-    data = values[0]
-    if len(data) > limit:
-        raise errors.TooLarge(f"{what} is too large: {len(data)} bytes, at most {limit}")
-    return data
-
-
 def _only_known(request: Request[Any, Any, Any], form: dict[str, list[bytes]]) -> None:
     """Nothing else may ride along: a submission cannot set status, node, attempt...."""
     for name in form:
@@ -338,11 +276,11 @@ async def submit(request: Request[Any, Any, Any], wait: bool = True) -> Response
     has finished, or at once with wait=false (202)."""
     svc = service_of(request)
     user = user_of(request, None)
-    form = await _form(request)
+    form = await forms.read(request)
     _only_known(request, form)
     limits = svc.settings
-    code = _part(form, "code", limits.max_code, "code (solution.py)")
-    raw_config = _part(form, "config_file", limits.max_config, "config_file (config.yaml)")
+    code = forms.part(form, "code", limits.max_code, "code (solution.py)")
+    raw_config = forms.part(form, "config_file", limits.max_config, "config_file (config.yaml)")
     if not code.strip():
         raise errors.BadRequest("Form field 'code' is empty")
     try:
@@ -353,7 +291,7 @@ async def submit(request: Request[Any, Any, Any], wait: bool = True) -> Response
         raise errors.Forbidden(FORBIDDEN)
     if config.token is not None and config.token != _token(request):
         raise errors.Forbidden("The token in config.yaml does not match the Authorization header")
-    key = header(request, b"idempotency-key")
+    key = forms.header(request, b"idempotency-key")
     if key is not None and not (0 < len(key) <= 200 and key.isprintable()):
         raise errors.BadRequest("Idempotency-Key must be 1-200 printable characters")
     job = await svc.submit(config, code, key)
